@@ -1,0 +1,36 @@
+"""broadface_jax: BroadFace (Kim, Park, Shin, ECCV 2020) face recognition in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="broadface_jax",
+    version="0.1.0",
+    description="BroadFace face-recognition / retrieval embedding training in JAX, Flax and optax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["broadface_jax", "broadface_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "chex>=0.1.88",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "clu>=0.0.12",
+        "numpy>=1.26",
+        "tensorflow-cpu>=2.17; platform_machine=='x86_64'",
+        "tensorflow>=2.17; platform_machine!='x86_64'",
+        "tensorflow-datasets>=4.9.7",
+        "tensorboard>=2.17",
+        "pillow>=10.0",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "gpu": ["jax[cuda12]>=0.7.0"],
+        "tpu": ["jax[tpu]>=0.7.0"],
+    },
+)
