@@ -1,0 +1,93 @@
+"""The paper's recipe (BroadFace, ECCV 2020, section 4.1).
+
+IResNet-100, 512-d BN-FC-BN head, ArcFace (s=64, m=0.5), 128 images per
+device, a queue of 8,192 embeddings per device with compensation, SGD with
+momentum 0.9 and weight decay 5e-4, lr 5e-3 / 5e-4 / 5e-5 with steps at 50k
+and 70k, 80k steps in all, warm-started from an ArcFace-trained checkpoint
+(`config.init_from`).
+
+Every other config starts from this one and changes a few fields, so that the
+full list of fields lives in one place. Unknown fields are an error
+(ml_collections locks the config).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- model: broadface_jax.models.build_encoder(config.model)
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "iresnet100"  # iresnet18/34/50/100/200, mobilefacenet, resnet50
+    c.model.embedding_dim = 512
+    c.model.width = 1.0  # width multiplier (tiny CPU models use e.g. 0.125)
+    c.model.dropout = 0.0
+    c.model.dtype = "float32"  # compute dtype of the encoder: float32 | bfloat16
+
+    # ---- loss: combined margin  s * (cos(m1 * theta + m2) - m3)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "arcface"  # arcface | cosface | combined
+    c.loss.s = 64.0
+    c.loss.m1 = 1.0
+    c.loss.m2 = 0.5
+    c.loss.m3 = 0.0
+
+    # ---- BroadFace queue (per device: the paper's "8,192 per GPU")
+    c.queue = ml_collections.ConfigDict()
+    c.queue.size_per_device = 8192  # 0 disables BroadFace (plain ArcFace)
+    c.queue.compensate = True
+    c.queue.chunk_size = 2048  # queue rows per chunk of the classifier loss (per device)
+
+    # ---- data
+    c.num_classes = 85742  # MS1MV2
+    c.per_device_batch_size = 128
+    c.image_size = 112
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "tfds"  # tfds | synthetic
+    c.dataset.tfds_name = "insightface_rec"  # a builder from broadface_jax.datasets
+    c.dataset.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+    c.dataset.split = "train"
+    c.dataset.shuffle_buffer = 20_000
+    c.dataset.random_flip = True
+    c.dataset.synthetic = ml_collections.ConfigDict()  # used when name == 'synthetic'
+    c.dataset.synthetic.num_identities = 0
+    c.dataset.synthetic.heldout_identities = 0
+    c.dataset.synthetic.samples_per_identity = 0
+
+    # ---- optimisation (separate settings for encoder and classifier)
+    c.total_steps = 80_000
+    c.lr = 5e-3
+    c.lr_boundaries = (50_000, 70_000)
+    c.lr_decay = 0.1
+    c.warmup_steps = 0
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.encoder = ml_collections.ConfigDict(
+        dict(name="sgd", momentum=0.9, weight_decay=5e-4, lr_scale=1.0))
+    c.optimizer.classifier = ml_collections.ConfigDict(
+        dict(name="sgd", momentum=0.9, weight_decay=5e-4, lr_scale=1.0))
+    c.grad_clip_norm = 0.0  # 0 = off
+
+    # ---- sharding: mesh axes and regex -> PartitionSpec rules
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by other axes
+    c.mesh.model = 1  # > 1 shards the classifier over classes
+    c.classifier_sharding = "replicated"  # replicated | model | all
+
+    # ---- warm start (the paper starts BroadFace from an ArcFace-trained model)
+    c.init_from = ""  # workdir or checkpoint dir of another run ("" = from scratch)
+    c.init_classifier = True  # also load the classifier rows from init_from
+
+    # ---- loop, logging, checkpoints, evaluation
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3
+    c.eval_every_steps = 10_000
+    c.eval = ml_collections.ConfigDict()
+    c.eval.targets = ("lfw_dev", "cfp_fp")
+    c.eval.batch_size = 256
+    c.eval.data_root = "../shared/data"
+    c.eval.bin_dir = ""  # folder with insightface .bin files (lfw.bin, agedb_30.bin, ...)
+
+    return c
