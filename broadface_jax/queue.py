@@ -1,0 +1,190 @@
+"""The BroadFace queue: past embeddings, their classifier rows, and compensation.
+
+The queue is a pytree of fixed-shape arrays carried in the train state:
+
+* ``embeddings`` E  f32[Q, D]: past embeddings e⁻ (not normalised),
+* ``weights``    W⁻ f32[Q, D]: the classifier row W_y that was used with each
+  embedding when it was computed (before that step's update, as in the
+  authors' released code),
+* ``labels``     i32[Q], ``valid`` bool[Q],
+* ``position``   i32[]: the next write offset inside every shard.
+
+The leading axis is laid out as ``num_shards`` contiguous shards of
+``Q / num_shards`` rows. Under a mesh the queue is sharded on that axis over
+'data', exactly like the batch, so shard i of the batch (device i's local
+batch) is written into shard i of the queue: a ring buffer per device, written
+with one ``jax.lax.dynamic_update_slice`` and no cross-device traffic.
+
+Compensation (Eq. 7):  e* = e⁻ + (‖e⁻‖ / ‖W⁻_y‖) · (W_y − W⁻_y).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from broadface_jax import losses
+
+
+@flax.struct.dataclass
+class QueueState:
+    embeddings: jax.Array  # f32[Q, D]
+    weights: jax.Array  # f32[Q, D]
+    labels: jax.Array  # i32[Q]
+    valid: jax.Array  # bool[Q]
+    position: jax.Array  # i32[], write offset within each shard
+    num_shards: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def capacity(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def shard_capacity(self) -> int:
+        return self.capacity // self.num_shards
+
+
+def init_queue(capacity: int, dim: int, num_shards: int = 1) -> QueueState:
+    """An empty queue of `capacity` rows in `num_shards` equal ring buffers."""
+    if capacity < 0 or (capacity and capacity % num_shards):
+        raise ValueError(
+            f"queue capacity {capacity} must be a non-negative multiple of the "
+            f"number of data shards ({num_shards})")
+    return QueueState(
+        embeddings=jnp.zeros((capacity, dim), jnp.float32),
+        weights=jnp.zeros((capacity, dim), jnp.float32),
+        labels=jnp.zeros((capacity,), jnp.int32),
+        valid=jnp.zeros((capacity,), jnp.bool_),
+        position=jnp.zeros((), jnp.int32),
+        num_shards=num_shards,
+    )
+
+
+def compensate(embeddings: jax.Array, old_weights: jax.Array,
+               current_weights: jax.Array) -> jax.Array:
+    """Eq. 7: e* = e⁻ + ‖e⁻‖/‖W⁻‖ · (W − W⁻), row by row.
+
+    Args:
+      embeddings: e⁻, f32[N, D] past (unnormalised) embeddings.
+      old_weights: W⁻, f32[N, D] the classifier rows stored with them.
+      current_weights: W, f32[N, D] the current classifier rows of the same labels.
+    """
+    scale = (jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
+             / jnp.maximum(jnp.linalg.norm(old_weights, axis=-1, keepdims=True), 1e-12))
+    return embeddings + scale * (current_weights - old_weights)
+
+
+def _split(x: jax.Array, num_shards: int) -> jax.Array:
+    return x.reshape((num_shards, x.shape[0] // num_shards) + x.shape[1:])
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def enqueue(queue: QueueState, embeddings: jax.Array, weights: jax.Array,
+            labels: jax.Array) -> QueueState:
+    """Writes a batch into the ring buffers; shard i of the batch into shard i.
+
+    The batch (B rows) is split into `num_shards` contiguous slices of B/S rows,
+    matching how a batch sharded on 'data' is laid out over devices. Each slice
+    is written at `position` of its queue shard with `dynamic_update_slice`;
+    the write position advances by B/S and wraps. The shard capacity must be a
+    multiple of B/S so that a slice never wraps (checked at trace time).
+    """
+    if queue.capacity == 0:
+        return queue
+    s = queue.num_shards
+    batch = labels.shape[0]
+    if batch % s:
+        raise ValueError(f"batch size {batch} is not a multiple of the {s} queue shards")
+    local = batch // s
+    if queue.shard_capacity % local:
+        raise ValueError(
+            f"queue shard capacity {queue.shard_capacity} must be a multiple of the "
+            f"per-shard batch {local} (ring-buffer writes never wrap)")
+    pos = queue.position
+
+    def write(buf, new):
+        new = _split(new.astype(buf.dtype), s)
+        start = (0, pos) + (0,) * (buf.ndim - 1)
+        return _merge(jax.lax.dynamic_update_slice(_split(buf, s), new, start))
+
+    return queue.replace(
+        embeddings=write(queue.embeddings, embeddings),
+        weights=write(queue.weights, weights),
+        labels=write(queue.labels, labels),
+        valid=write(queue.valid, jnp.ones_like(labels, jnp.bool_)),
+        position=(pos + local) % queue.shard_capacity,
+    )
+
+
+def fill(queue: QueueState) -> jax.Array:
+    """Fraction of valid rows."""
+    if queue.capacity == 0:
+        return jnp.zeros((), jnp.float32)
+    return jnp.mean(queue.valid.astype(jnp.float32))
+
+
+def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.Array,
+                   margin, *, chunk_size: int, compensate_embeddings: bool = True,
+                   num_classes: int | None = None):
+    """Sum of the margin loss over the valid (compensated) queue rows, in chunks.
+
+    This is the queue half of Eq. 9's numerator. The compensated embeddings are
+    data: no gradient flows through e*, only through the logits into the
+    classifier (`kernel_normalized`). The queue is processed `chunk_size` rows
+    of every shard at a time under `jax.lax.scan` with a rematerialised body, so
+    the [rows, C] logits of only one chunk are alive at once, in the forward and
+    the backward pass: peak memory grows with the chunk, not with Q.
+
+    Args:
+      queue: the queue (its rows are split into `queue.num_shards` shards).
+      kernel: the current classifier W[C, D] (raw; gives W_y for Eq. 7).
+      kernel_normalized: W with L2-normalised rows (differentiated).
+      margin: a `losses.MarginConfig`.
+      chunk_size: rows per shard per chunk; must divide the shard capacity.
+      compensate_embeddings: apply Eq. 7 (False: use e⁻ as stored).
+      num_classes: real class count when `kernel` has padding rows.
+
+    Returns:
+      (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
+      over valid rows of cos(W⁻, W_y) (classifier drift), and the count of
+      valid rows (float32).
+    """
+    s, ql = queue.num_shards, queue.shard_capacity
+    chunk = min(int(chunk_size), ql) if chunk_size else ql
+    if ql % chunk:
+        raise ValueError(
+            f"config.queue.chunk_size={chunk_size} must divide the per-device queue "
+            f"size {ql}")
+    kernel_const = jax.lax.stop_gradient(kernel)
+
+    def body(total, rows):
+        emb, w_old, lab, val = (r.reshape((-1,) + r.shape[2:]) for r in rows)
+        w_cur = jnp.take(kernel_const, lab, axis=0)
+        e = compensate(emb, w_old, w_cur) if compensate_embeddings else emb
+        per_row = losses.margin_cross_entropy(
+            jax.lax.stop_gradient(e), kernel_normalized, lab, margin, num_classes)
+        drift = jnp.sum(losses.l2_normalize(w_old) * losses.l2_normalize(w_cur), axis=-1)
+        loss_sum, drift_sum = total
+        return (loss_sum + jnp.sum(jnp.where(val, per_row, 0.0)),
+                drift_sum + jnp.sum(jnp.where(val, drift, 0.0))), None
+
+    # [S, Ql, ...] -> [n_chunks, S, chunk, ...]: each scan step takes `chunk`
+    # rows from every shard, so the work stays on the devices holding them.
+    def chunks(x):
+        x = _split(x, s)
+        x = x.reshape((s, ql // chunk, chunk) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1)
+
+    rows = tuple(chunks(x) for x in (queue.embeddings, queue.weights, queue.labels,
+                                     queue.valid))
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    if chunk == ql:
+        (loss_sum, drift_sum), _ = body(zero, tuple(r[0] for r in rows))
+    else:
+        (loss_sum, drift_sum), _ = jax.lax.scan(jax.checkpoint(body), zero, rows)
+    n_valid = jnp.sum(queue.valid.astype(jnp.float32))
+    return loss_sum, drift_sum, n_valid

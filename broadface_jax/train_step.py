@@ -1,0 +1,282 @@
+"""The BroadFace train step: one pure function (state, batch) -> (state, metrics).
+
+Per step (paper section 3.2, Eqs. 7-9):
+
+1. Encoder forward on the batch: embeddings e (unnormalised).
+2. Classifier loss over X ∪ E: the batch losses l(e_i) plus the losses of the
+   compensated queue rows l(e*_j) (Eq. 7), summed and divided by |X ∪ E|
+   (Eq. 9). The queue is data: no gradient through e*.
+3. One backward pass gives both gradients. The encoder must see only the
+   batch loss, mean over |X| (Eq. 8); the classifier must see Eq. 9. Both are
+   the same batch terms with different normalisers, so the embeddings pass
+   through `scale_gradient(e, |X ∪ E| / |X|)`: identity forward, and the
+   encoder's gradient becomes exactly that of Eq. 8, while the classifier's is
+   exactly that of Eq. 9.
+4. optax update (separate encoder / classifier optimizers via multi_transform).
+5. Enqueue the batch's embeddings with the classifier rows W_y they were used
+   with (pre-update), after the update.
+
+With an empty queue (capacity 0, or nothing valid yet) this is exactly a plain
+margin-softmax (ArcFace / CosFace) step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from broadface_jax import losses, queue as queue_lib, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # i32[]
+    params: Any  # {'encoder': ..., 'classifier': {'kernel': f32[C_pad, D]}}
+    batch_stats: Any  # encoder BatchNorm statistics
+    opt_state: Any
+    queue: queue_lib.QueueState
+    rng: jax.Array  # u32[2]; dropout keys are fold_in(rng, step)
+
+
+# ------------------------------------------------------------------ optimizer
+
+def make_schedule(config: Any) -> optax.Schedule:
+    """Step-wise lr (the paper: 5e-3, x0.1 at 50k and 70k) with optional linear warmup."""
+    base = optax.piecewise_constant_schedule(
+        float(config.lr), {int(b): float(config.lr_decay) for b in config.lr_boundaries})
+    warmup = int(config.warmup_steps)
+    if warmup <= 0:
+        return base
+
+    def schedule(step):
+        return jnp.where(step < warmup, float(config.lr) * (step + 1) / warmup, base(step))
+
+    return schedule
+
+
+def _part_optimizer(opt_config: Any, schedule: optax.Schedule,
+                    clip_norm: float) -> optax.GradientTransformation:
+    lr_scale = float(opt_config.lr_scale)
+    lr = lambda step: schedule(step) * lr_scale  # noqa: E731
+    parts = []
+    if clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    if float(opt_config.weight_decay) > 0:
+        # PyTorch SGD semantics (as in insightface): decay added to the gradient
+        # before momentum, on every parameter.
+        parts.append(optax.add_decayed_weights(float(opt_config.weight_decay)))
+    if opt_config.name == "sgd":
+        parts.append(optax.sgd(lr, momentum=float(opt_config.momentum) or None))
+    elif opt_config.name == "adam":
+        parts.append(optax.adam(lr))
+    else:
+        raise ValueError(f"optimizer name {opt_config.name!r}: expected 'sgd' or 'adam'")
+    return optax.chain(*parts)
+
+
+def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Separate optimizers for the encoder and the classifier."""
+    schedule = make_schedule(config)
+    clip = float(config.grad_clip_norm)
+
+    def labels(params):
+        return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+
+    tx = optax.multi_transform(
+        {"encoder": _part_optimizer(config.optimizer.encoder, schedule, clip),
+         "classifier": _part_optimizer(config.optimizer.classifier, schedule, clip)},
+        labels)
+    return tx, schedule
+
+
+# ------------------------------------------------------------------ state
+
+def padded_num_classes(config: Any, mesh: Mesh) -> int:
+    """C rounded up to a multiple of the classifier shards (padding rows are masked)."""
+    n = sharding.classifier_shards(mesh, config.classifier_sharding)
+    return int(math.ceil(int(config.num_classes) / n) * n)
+
+
+def _model(config: Any, model):
+    if model is not None:
+        return model
+    from broadface_jax import models
+    return models.build_encoder(config.model)
+
+
+def queue_capacity(config: Any, mesh: Mesh) -> int:
+    return int(config.queue.size_per_device) * mesh.size
+
+
+def validate_config(config: Any, mesh: Mesh) -> None:
+    """Checks the sizes the step relies on, with errors naming the field."""
+    per_dev_q = int(config.queue.size_per_device)
+    b = int(config.per_device_batch_size)
+    if b <= 0:
+        raise ValueError(f"config.per_device_batch_size={b} must be positive")
+    if per_dev_q < 0:
+        raise ValueError(f"config.queue.size_per_device={per_dev_q} must be >= 0")
+    if per_dev_q and per_dev_q % b:
+        raise ValueError(
+            f"config.queue.size_per_device={per_dev_q} must be a multiple of "
+            f"config.per_device_batch_size={b} (the ring buffer writes whole batches)")
+    chunk = int(config.queue.chunk_size)
+    if per_dev_q and chunk and per_dev_q % min(chunk, per_dev_q):
+        raise ValueError(
+            f"config.queue.chunk_size={chunk} must divide config.queue.size_per_device="
+            f"{per_dev_q}")
+    if int(config.num_classes) < 2:
+        raise ValueError(f"config.num_classes={config.num_classes} must be >= 2")
+
+
+def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None
+                       ) -> tuple[TrainState, TrainState]:
+    """Initialises the state born sharded: eval_shape -> rules -> jit(out_shardings)."""
+    validate_config(config, mesh)
+    model = _model(config, model)
+    tx, _ = make_optimizer(config)
+    c_pad = padded_num_classes(config, mesh)
+    dim = int(config.model.embedding_dim)
+    size = int(config.image_size)
+
+    def init(rng):
+        k_model, k_cls, k_state = jax.random.split(rng, 3)
+        variables = model.init({"params": k_model, "dropout": k_model},
+                               jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+        # insightface: classifier rows ~ N(0, 0.01^2)
+        kernel = 0.01 * jax.random.normal(k_cls, (c_pad, dim), jnp.float32)
+        params = {"encoder": variables["params"], "classifier": {"kernel": kernel}}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            queue=queue_lib.init_queue(queue_capacity(config, mesh), dim, mesh.size),
+            rng=k_state,
+        )
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, config, mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def state_shardings(abstract_state: TrainState, config: Any, mesh: Mesh) -> TrainState:
+    return sharding.tree_shardings(abstract_state, mesh, sharding.partition_rules(config))
+
+
+# ------------------------------------------------------------------ step
+
+def build_train_step(config: Any, model=None) -> Callable[[TrainState, dict], tuple]:
+    """The pure (un-jitted) step function."""
+    model = _model(config, model)
+    margin = losses.MarginConfig.from_config(config.loss)
+    tx, schedule = make_optimizer(config)
+    num_classes = int(config.num_classes)
+    chunk = int(config.queue.chunk_size)
+    use_comp = bool(config.queue.compensate)
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images, labels = batch["image"], batch["label"].astype(jnp.int32)
+        bsz = labels.shape[0]
+        q = state.queue
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            emb, new_vars = model.apply(
+                {"params": params["encoder"], "batch_stats": state.batch_stats},
+                images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+            emb = emb.astype(jnp.float32)
+            kernel = params["classifier"]["kernel"]
+            kernel_n = losses.l2_normalize(kernel)
+            if q.capacity:
+                q_sum, drift_sum, n_valid = queue_lib.queue_loss_sum(
+                    q, kernel, kernel_n, margin, chunk_size=chunk,
+                    compensate_embeddings=use_comp, num_classes=num_classes)
+            else:
+                q_sum = drift_sum = n_valid = jnp.zeros((), jnp.float32)
+            denom = bsz + n_valid
+            # Encoder sees d/de of mean over X (Eq. 8); classifier sees Eq. 9.
+            emb_scaled = losses.scale_gradient(emb, denom / bsz)
+            batch_losses = losses.margin_cross_entropy(
+                emb_scaled, kernel_n, labels, margin, num_classes)
+            loss_cls = (jnp.sum(batch_losses) + q_sum) / denom
+            aux = dict(emb=emb, batch_stats=new_vars["batch_stats"],
+                       loss_encoder=jnp.mean(batch_losses),
+                       queue_drift=drift_sum / jnp.maximum(n_valid, 1.0),
+                       queue_used=n_valid)
+            return loss_cls, aux
+
+        (loss_cls, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # W⁻: the rows used with these embeddings, i.e. before this update.
+        w_used = jnp.take(state.params["classifier"]["kernel"], labels, axis=0)
+        new_queue = queue_lib.enqueue(q, jax.lax.stop_gradient(aux["emb"]), w_used, labels)
+        metrics = dict(
+            loss_encoder=aux["loss_encoder"],
+            loss_classifier=loss_cls,
+            queue_fill=queue_lib.fill(new_queue),
+            queue_used=aux["queue_used"],
+            queue_drift=aux["queue_drift"],
+            lr=schedule(state.step),
+            grad_norm_encoder=optax.global_norm(grads["encoder"]),
+            grad_norm_classifier=optax.global_norm(grads["classifier"]),
+        )
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  batch_stats=aux["batch_stats"], opt_state=opt_state,
+                                  queue=new_queue)
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None,
+                    step_fn: Callable | None = None):
+    """jax.jit of the step with explicit in/out shardings and a donated state."""
+    step_fn = step_fn or build_train_step(config, model)
+    batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------ embeddings
+
+def make_embed_fn(config: Any, mesh: Mesh, model=None):
+    """embed(encoder_params, batch_stats, images f32[N,H,W,3]) -> np.float32[N, D].
+
+    Images are normalised already. N is padded up to a multiple of the device
+    count (rows sharded over every device), so each distinct N compiles once;
+    callers that loop should use a fixed batch size. Every process must pass
+    the same images (each evaluates the whole target).
+    """
+    model = _model(config, model)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    @jax.jit
+    def apply(params, batch_stats, images):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+        return out.astype(jnp.float32)
+
+    def embed(params, batch_stats, images) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        n = images.shape[0]
+        pad = (-n) % mesh.size
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
+        x = jax.make_array_from_callback(images.shape, batch_sh, lambda idx: images[idx])
+        out = apply(params, batch_stats, x)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return np.asarray(out)[:n]
+
+    return embed
