@@ -227,8 +227,8 @@ def build_train_step(config: Any, model=None) -> Callable[[TrainState, dict], tu
             queue_used=aux["queue_used"],
             queue_drift=aux["queue_drift"],
             lr=schedule(state.step),
-            grad_norm_encoder=optax.global_norm(grads["encoder"]),
-            grad_norm_classifier=optax.global_norm(grads["classifier"]),
+            grad_norm_encoder=optax.tree.norm(grads["encoder"]),
+            grad_norm_classifier=optax.tree.norm(grads["classifier"]),
         )
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=aux["batch_stats"], opt_state=opt_state,

@@ -1,0 +1,163 @@
+"""The BroadFace queue: Eq. 7, ring-buffer semantics, chunked loss, sharded layout."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from broadface_jax import losses, queue as queue_lib, sharding
+
+
+def test_compensation_matches_eq7_float64():
+    rng = np.random.default_rng()
+    n, d = 64, 16
+    e_old = rng.normal(size=(n, d)) * rng.uniform(0.5, 20, (n, 1))
+    w_old = rng.normal(size=(n, d)) * 0.05
+    w_cur = w_old + rng.normal(size=(n, d)) * 0.01
+    ref = e_old + (np.linalg.norm(e_old, axis=1, keepdims=True)
+                   / np.linalg.norm(w_old, axis=1, keepdims=True)) * (w_cur - w_old)
+    got = queue_lib.compensate(*(jnp.asarray(a, jnp.float32) for a in (e_old, w_old, w_cur)))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    # no drift of the classifier -> no change of the embedding
+    same = queue_lib.compensate(jnp.asarray(e_old, jnp.float32), jnp.asarray(w_old, jnp.float32),
+                                jnp.asarray(w_old, jnp.float32))
+    np.testing.assert_allclose(np.asarray(same), e_old, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shards,capacity,batch", [(1, 12, 3), (1, 12, 4), (4, 16, 8)])
+def test_ring_buffer_keeps_the_last_samples(shards, capacity, batch):
+    rng = np.random.default_rng()
+    d = 5
+    q = queue_lib.init_queue(capacity, d, shards)
+    write = jax.jit(queue_lib.enqueue)
+    history = []  # per shard: list of (emb, w, label) in write order
+    for k in range(1, 9):
+        emb = rng.normal(size=(batch, d)).astype(np.float32)
+        w = rng.normal(size=(batch, d)).astype(np.float32)
+        lab = rng.integers(0, 1000, batch).astype(np.int32)
+        q = write(q, emb, w, lab)
+        history.append((emb, w, lab))
+        local, ql = batch // shards, capacity // shards
+        for s in range(shards):
+            rows = slice(s * ql, (s + 1) * ql)
+            valid = np.asarray(q.valid[rows])
+            assert valid.sum() == min(k * local, ql)
+            # the last min(k*local, ql) samples of this shard, wherever the ring put them
+            want = [(e[s * local:(s + 1) * local], ww[s * local:(s + 1) * local],
+                     ll[s * local:(s + 1) * local]) for e, ww, ll in history]
+            want_lab = np.concatenate([x[2] for x in want])[-min(k * local, ql):]
+            want_emb = np.concatenate([x[0] for x in want])[-min(k * local, ql):]
+            want_w = np.concatenate([x[1] for x in want])[-min(k * local, ql):]
+            pos = (k * local) % ql
+            order = np.roll(np.arange(ql), -pos) if k * local >= ql else np.arange(k * local)
+            np.testing.assert_array_equal(np.asarray(q.labels[rows])[order], want_lab)
+            np.testing.assert_array_equal(np.asarray(q.embeddings[rows])[order], want_emb)
+            np.testing.assert_array_equal(np.asarray(q.weights[rows])[order], want_w)
+        assert int(q.position) == (k * local) % ql
+    np.testing.assert_allclose(float(queue_lib.fill(q)), 1.0)
+
+
+def test_enqueue_rejects_wrapping_writes():
+    q = queue_lib.init_queue(10, 4, 1)
+    with pytest.raises(ValueError, match="multiple of the per-shard batch"):
+        queue_lib.enqueue(q, jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros((3,), jnp.int32))
+
+
+def _random_queue(rng, capacity, d, c, shards, valid_frac=0.7):
+    q = queue_lib.init_queue(capacity, d, shards)
+    return q.replace(
+        embeddings=jnp.asarray(rng.normal(size=(capacity, d)) * 5, jnp.float32),
+        weights=jnp.asarray(rng.normal(size=(capacity, d)) * 0.05, jnp.float32),
+        labels=jnp.asarray(rng.integers(0, c, capacity), jnp.int32),
+        valid=jnp.asarray(rng.uniform(size=capacity) < valid_frac),
+    )
+
+
+def np_queue_loss(q, kernel, s=64.0, m=0.5):
+    """float64: sum over valid rows of ArcFace loss of the compensated embedding."""
+    e = np.asarray(q.embeddings, np.float64)
+    w_old = np.asarray(q.weights, np.float64)
+    lab = np.asarray(q.labels)
+    w = np.asarray(kernel, np.float64)
+    e_star = e + (np.linalg.norm(e, axis=1, keepdims=True)
+                  / np.linalg.norm(w_old, axis=1, keepdims=True)) * (w[lab] - w_old)
+    en = e_star / np.linalg.norm(e_star, axis=1, keepdims=True)
+    wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+    cos = en @ wn.T
+    rows = np.arange(len(lab))
+    th = np.arccos(np.clip(cos[rows, lab], -1, 1))
+    tgt = np.where(th + m > np.pi, cos[rows, lab] - np.sin(np.pi - m) * m, np.cos(th + m))
+    logits = s * cos
+    logits[rows, lab] = s * tgt
+    mx = logits.max(1, keepdims=True)
+    per = np.log(np.exp(logits - mx).sum(1)) + mx[:, 0] - s * tgt
+    return per[np.asarray(q.valid)].sum()
+
+
+def test_chunked_and_unchunked_queue_loss_agree():
+    rng = np.random.default_rng()
+    capacity, d, c, shards = 64, 8, 13, 2
+    q = _random_queue(rng, capacity, d, c, shards)
+    kernel = jnp.asarray(rng.normal(size=(c, d)) * 0.05, jnp.float32)
+    margin = losses.MarginConfig()
+
+    def f(kernel, chunk):
+        loss, drift, n = queue_lib.queue_loss_sum(
+            q, kernel, losses.l2_normalize(kernel), margin, chunk_size=chunk)
+        return loss, (drift, n)
+
+    results = {}
+    for chunk in (32, 8, 4):
+        (val, (drift, n)), grad = jax.jit(jax.value_and_grad(f, has_aux=True),
+                                          static_argnums=1)(kernel, chunk)
+        results[chunk] = (float(val), np.asarray(grad), float(drift), float(n))
+    ref = np_queue_loss(q, kernel)
+    for chunk, (val, grad, drift, n) in results.items():
+        np.testing.assert_allclose(val, ref, rtol=1e-5)
+        # float32 sums in another order: 1e-5 relative to the gradient's scale
+        scale = np.abs(results[32][1]).max()
+        np.testing.assert_allclose(grad, results[32][1], rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(drift, results[32][2], rtol=1e-5)
+        assert n == float(np.asarray(q.valid).sum())
+
+
+def test_queue_loss_has_no_gradient_through_compensation():
+    """Eq. 7 is data: d loss / d W equals the gradient with e* frozen as constants."""
+    rng = np.random.default_rng()
+    q = _random_queue(rng, 16, 6, 7, 1, valid_frac=1.0)
+    kernel = jnp.asarray(rng.normal(size=(7, 6)) * 0.05, jnp.float32)
+    margin = losses.MarginConfig()
+    g = jax.grad(lambda k: queue_lib.queue_loss_sum(
+        q, k, losses.l2_normalize(k), margin, chunk_size=0)[0])(kernel)
+    e_star = queue_lib.compensate(q.embeddings, q.weights, kernel[q.labels])
+    g_frozen = jax.grad(lambda k: jnp.sum(losses.margin_cross_entropy(
+        e_star, losses.l2_normalize(k), q.labels, margin)))(kernel)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_frozen), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_enqueue_is_local_to_each_device():
+    """On 8 devices the enqueue compiles to no cross-device communication."""
+    assert jax.device_count() == 8
+    from ml_collections import ConfigDict
+    mesh = sharding.make_mesh(ConfigDict(dict(data=-1, model=1)))
+    q = queue_lib.init_queue(64, 4, 8)
+    row = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    q_sh = jax.tree.map(lambda x: row if x.ndim else NamedSharding(mesh, P()), q)
+    q = jax.device_put(q, q_sh)
+    rng = np.random.default_rng()
+    emb = jax.device_put(rng.normal(size=(16, 4)).astype(np.float32), row)
+    w = jax.device_put(rng.normal(size=(16, 4)).astype(np.float32), row)
+    lab = jax.device_put(np.arange(16, dtype=np.int32), row)
+    fn = jax.jit(queue_lib.enqueue, in_shardings=(q_sh, row, row, row), out_shardings=q_sh)
+    hlo = fn.lower(q, emb, w, lab).compile().as_text()
+    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+        assert not re.search(rf"\b{op}\b", hlo), f"enqueue compiled to a {op}"
+    out = fn(q, emb, w, lab)
+    for shard in out.labels.addressable_shards:
+        dev = mesh.devices.reshape(-1).tolist().index(shard.device)
+        got = np.asarray(shard.data)
+        # device i holds batch rows 2i, 2i+1 (labels == row index) in its first two slots
+        np.testing.assert_array_equal(got[:2], [2 * dev, 2 * dev + 1])
