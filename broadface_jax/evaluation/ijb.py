@@ -1,0 +1,190 @@
+"""IJB-B / IJB-C 1:1 template verification, as insightface ``arcface_torch/eval_ijbc.py``.
+
+Pipeline (insightface's defaults F2 / N1 / D1):
+
+1. Per image: ``e(x) + e(flip(x))`` (flip test "F2"; :func:`broadface_jax.
+   evaluation.common.embed_images` on the 112x112 aligned faces).
+2. Norm kept ("N1": ``normalize_images=False``) or each image feature
+   L2-normalised first (``normalize_images=True``).
+3. Detector-score weighting ("D1"): each feature multiplied by its face
+   score from ``*_name_5pts_score.txt`` (pass ``face_scores``; None skips it).
+4. Media pooling: the mean of the features of a template's images that
+   share a media id (frames of one video, or a single photo).
+5. Template pooling: the sum of the template's media means, L2-normalised.
+6. Template-pair score: cosine of the two template features, computed in
+   batches of ``batch_size`` pairs so memory stays bounded.
+7. TAR @ FAR for FAR = 1e-6 ... 1e-1 (:mod:`broadface_jax.evaluation.tar_far`).
+
+Steps 4-5 are one sparse matrix product ``W @ features`` with
+``W[t, i] = 1 / (#images of i's media within template t)``, so the image
+features are never copied or sorted.
+
+Metadata formats (``<root>/meta/``, ``ijbc_`` or ``ijbb_`` prefix):
+  * ``*_face_tid_mid.txt``: ``image_name template_id media_id``
+  * ``*_template_pair_label.txt``: ``template_id_1 template_id_2 label``
+  * ``*_name_5pts_score.txt``: ``image_name x1 y1 ... x5 y5 face_score``
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from broadface_jax.evaluation import tar_far
+from broadface_jax.evaluation.common import l2_normalize
+
+
+def _read_columns(path: str | os.PathLike, ncols: int, what: str) -> list[list[str]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IJB {what} file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != ncols:
+                raise ValueError(f"{path}:{lineno}: expected {ncols} fields ({what}), got {len(fields)}: {line.strip()!r}")
+            rows.append(fields)
+    if not rows:
+        raise ValueError(f"{path}: empty {what} file")
+    return rows
+
+
+def _ints(column: list[str], path: str, what: str) -> np.ndarray:
+    try:
+        return np.array(column, dtype=np.int64)
+    except ValueError:
+        bad = next(x for x in column if not x.lstrip("-").isdigit())
+        raise ValueError(f"{path}: {what} {bad!r} is not an integer") from None
+
+
+def read_template_media(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``*_face_tid_mid.txt`` -> (image names, template ids int64[N], media ids int64[N])."""
+    rows = _read_columns(path, 3, "face/template/media")
+    names = [r[0] for r in rows]
+    return (names, _ints([r[1] for r in rows], os.fspath(path), "template id"),
+            _ints([r[2] for r in rows], os.fspath(path), "media id"))
+
+
+def read_template_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``*_template_pair_label.txt`` -> (template 1, template 2, label) int64 vectors.
+
+    Parsed with ``np.loadtxt`` (NumPy's C reader: ~15.7M IJB-C lines).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IJB template pair file not found: {path}")
+    try:
+        arr = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{path}: not 'template_id_1 template_id_2 label' integer lines: {e}") from e
+    if arr.shape[0] == 0 or arr.shape[1] != 3:
+        raise ValueError(f"{path}: expected 3 integer columns, got shape {arr.shape}")
+    labels = arr[:, 2]
+    if not np.all((labels == 0) | (labels == 1)):
+        bad = labels[(labels != 0) & (labels != 1)][0]
+        raise ValueError(f"{path}: label {bad} is not 0 or 1")
+    return arr[:, 0].copy(), arr[:, 1].copy(), labels.copy()
+
+
+def read_landmarks_scores(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``*_name_5pts_score.txt`` -> (image names, landmarks f32[N, 5, 2], face scores f32[N])."""
+    path = os.fspath(path)
+    rows = _read_columns(path, 12, "name/5 points/score")
+    try:
+        values = np.array([r[1:] for r in rows], dtype=np.float32)
+    except ValueError as e:
+        raise ValueError(f"{path}: landmark and score columns must be numbers: {e}") from e
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{path}: landmarks or scores hold NaN or inf")
+    return [r[0] for r in rows], values[:, :10].reshape(-1, 5, 2), values[:, 10].copy()
+
+
+def pooling_matrix(templates: np.ndarray, medias: np.ndarray):
+    """Sparse W [T, N] (float32) with template features = W @ image features; and sorted unique templates."""
+    import scipy.sparse
+
+    templates = np.asarray(templates, np.int64)
+    medias = np.asarray(medias, np.int64)
+    if templates.shape != medias.shape or templates.ndim != 1:
+        raise ValueError(f"templates {templates.shape} and medias {medias.shape} must be equal-length vectors")
+    unique_t, t_idx = np.unique(templates, return_inverse=True)
+    # (template, media) groups: images of one media inside one template are averaged.
+    _, g_idx, g_count = np.unique(np.stack([t_idx, medias], 1), axis=0, return_inverse=True, return_counts=True)
+    g_idx = g_idx.reshape(-1)
+    weights = (1.0 / g_count[g_idx]).astype(np.float32)
+    n = templates.shape[0]
+    w = scipy.sparse.csr_matrix((weights, (t_idx, np.arange(n))), shape=(unique_t.shape[0], n))
+    return w, unique_t
+
+
+def image_to_template_features(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
+                               face_scores: np.ndarray | None = None,
+                               normalize_images: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Image features -> (L2-normalised template features f32[T, D], sorted unique template ids).
+
+    ``img_feats`` rows follow the metadata rows (flip-summed by the caller).
+    """
+    img_feats = np.asarray(img_feats)
+    if img_feats.ndim != 2 or img_feats.shape[0] != np.shape(templates)[0]:
+        raise ValueError(f"img_feats {img_feats.shape} must be [N, D] with N = {np.shape(templates)[0]} metadata rows")
+    feats = img_feats.astype(np.float32, copy=False)
+    if normalize_images:
+        feats = l2_normalize(feats)
+    if face_scores is not None:
+        face_scores = np.asarray(face_scores, np.float32)
+        if face_scores.shape != (feats.shape[0],):
+            raise ValueError(f"face_scores {face_scores.shape} must have one score per image ({feats.shape[0]})")
+        feats = feats * face_scores[:, None]
+    w, unique_t = pooling_matrix(templates, medias)
+    template_feats = np.asarray(w @ feats, np.float32)
+    return l2_normalize(template_feats), unique_t
+
+
+def template_pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray,
+                         t1: np.ndarray, t2: np.ndarray, batch_size: int = 100_000) -> np.ndarray:
+    """Cosine score f32[P] of each template pair, ``batch_size`` pairs at a time."""
+    t1 = np.asarray(t1, np.int64)
+    t2 = np.asarray(t2, np.int64)
+    if t1.shape != t2.shape or t1.ndim != 1:
+        raise ValueError(f"t1 {t1.shape} and t2 {t2.shape} must be equal-length vectors")
+    unique_templates = np.asarray(unique_templates)
+    scores = np.empty(t1.shape[0], np.float32)
+    for start in range(0, t1.shape[0], batch_size):
+        rows = []
+        for t in (t1[start:start + batch_size], t2[start:start + batch_size]):
+            idx = np.searchsorted(unique_templates, t)
+            idx_c = np.minimum(idx, unique_templates.shape[0] - 1)
+            missing = unique_templates[idx_c] != t
+            if np.any(missing):
+                raise ValueError(f"template id {t[missing][0]} of the pair list has no images in the metadata")
+            rows.append(idx_c)
+        scores[start:start + batch_size] = np.einsum(
+            "ij,ij->i", template_feats[rows[0]], template_feats[rows[1]])
+    return scores
+
+
+def evaluate_ijb(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
+                 t1: np.ndarray, t2: np.ndarray, labels: np.ndarray,
+                 face_scores: np.ndarray | None = None, normalize_images: bool = False,
+                 fars: Sequence[float] = tar_far.DEFAULT_FARS, rule: str = "max_tpr",
+                 batch_size: int = 100_000) -> dict[str, float]:
+    """Template pooling + pair scoring + TAR @ FAR: ``{'tar@far=1e-4': ..., ...}``.
+
+    ``rule``: 'max_tpr' (:func:`tar_far.tar_at_far`, the conservative rule) or
+    'insightface' (nearest ROC point, as eval_ijbc.py's table).
+    """
+    template_feats, unique_t = image_to_template_features(img_feats, templates, medias, face_scores,
+                                                          normalize_images)
+    scores = template_pair_scores(template_feats, unique_t, t1, t2, batch_size)
+    if rule == "max_tpr":
+        tars = tar_far.tar_at_far(scores, labels, fars)
+    elif rule == "insightface":
+        tars = tar_far.tar_at_far_insightface(scores, labels, fars)
+    else:
+        raise ValueError(f"rule must be 'max_tpr' or 'insightface', got {rule!r}")
+    return {f"tar@far={tar_far.format_far(f)}": v for f, v in tars.items()}
