@@ -1,0 +1,62 @@
+# shellcheck shell=bash
+# Helpers shared by the launch scripts; sourced, never run on its own.
+#
+# A script sets DRY_RUN=1 for --dry-run; every command then goes through
+# bf_run, which prints it as one copy-pasteable shell line instead of running
+# it, so the printed output of --dry-run is itself a runnable script.
+
+DRY_RUN=${DRY_RUN:-0}
+
+# bf_quote ARG... : print ARGs as one shell line, quoting only where needed.
+bf_quote() {
+  local arg sq="'" escaped
+  local -a words=()
+  for arg in "$@"; do
+    if [[ -n $arg && $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      words+=("$arg")
+    else
+      escaped=${arg//$sq/$sq\\$sq$sq}
+      words+=("$sq$escaped$sq")
+    fi
+  done
+  printf '%s\n' "${words[*]}"
+}
+
+# bf_run CMD ARG... : run the command, or print it under --dry-run.
+bf_run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    bf_quote "$@"
+  else
+    "$@"
+  fi
+}
+
+# bf_note TEXT : a comment line (goes to stdout as '# TEXT' so dry-run output stays runnable).
+bf_note() {
+  printf '# %s\n' "$*"
+}
+
+# bf_die MESSAGE : print 'SCRIPT: error: MESSAGE' and a usage hint to stderr, exit 2.
+bf_die() {
+  printf '%s: error: %s\n' "${0##*/}" "$*" >&2
+  printf "Run '%s --help' for usage.\n" "$0" >&2
+  exit 2
+}
+
+# bf_need_value OPTION "$#" NEXT : die unless OPTION was followed by a value
+# (NEXT, which may not look like another option: '--name --dry-run' is a mistake).
+bf_need_value() {
+  if (($2 < 2)); then
+    bf_die "$1 needs a value"
+  fi
+  if [[ ${3:-} == --* ]]; then
+    bf_die "$1 needs a value, got the option '$3'"
+  fi
+}
+
+# bf_check_override ARG : die unless ARG is a --config.FIELD=VALUE override.
+bf_check_override() {
+  if [[ ! $1 =~ ^--config\.[A-Za-z_][A-Za-z0-9_.]*=.*$ ]]; then
+    bf_die "unknown argument '$1' (config overrides look like --config.lr=0.1)"
+  fi
+}
