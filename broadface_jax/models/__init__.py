@@ -1,0 +1,93 @@
+"""Encoders: ``build_encoder(config.model)`` and ``count_params(params)``.
+
+Every encoder is a Flax Linen module called as
+``module.apply(variables, x, train=bool, mutable=['batch_stats'], rngs={'dropout': key})``
+on NHWC float images normalised to ``(x/255 - 0.5)/0.5`` and returns the
+(B, embedding_dim) float32 **unnormalised** embedding. BatchNorm statistics
+live in ``batch_stats``; the FC layer infers its input size, so any input
+resolution works.
+
+Adding a backbone = one file in this package + one line in :data:`REGISTRY`.
+Backbone modules are imported on first use, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Mapping
+
+#: name -> (module in this package, class name, fixed constructor arguments).
+REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "iresnet18": ("iresnet", "IResNet", {"stage_sizes": (2, 2, 2, 2)}),
+    "iresnet34": ("iresnet", "IResNet", {"stage_sizes": (3, 4, 6, 3)}),
+    "iresnet50": ("iresnet", "IResNet", {"stage_sizes": (3, 4, 14, 3)}),
+    "iresnet100": ("iresnet", "IResNet", {"stage_sizes": (3, 13, 30, 3)}),
+    "iresnet200": ("iresnet", "IResNet", {"stage_sizes": (6, 26, 60, 6)}),
+    "mobilefacenet": ("mobilefacenet", "MobileFaceNet", {"blocks": (1, 4, 6, 2), "scale": 1}),
+    "mbf": ("mobilefacenet", "MobileFaceNet", {"blocks": (1, 4, 6, 2), "scale": 2}),
+    "resnet50": ("resnet", "ResNet", {"stage_sizes": (3, 4, 6, 3)}),
+}
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _field(model_config: Any, name: str) -> Any:
+    """Reads ``model_config.name`` from a ConfigDict, a dataclass or a mapping."""
+    try:
+        if isinstance(model_config, Mapping):
+            return model_config[name]
+        return getattr(model_config, name)
+    except (KeyError, AttributeError) as e:
+        raise ValueError(f"model config has no field {name!r}") from e
+
+
+def build_encoder(model_config: Any) -> Any:
+    """Builds the encoder ``flax.linen.Module`` named by ``model_config``.
+
+    Args:
+      model_config: fields ``name`` (a key of :data:`REGISTRY`),
+        ``embedding_dim``, ``width`` (channel multiplier > 0), ``dropout``
+        (in [0, 1)), ``dtype`` ('float32' or 'bfloat16': the compute dtype;
+        parameters are always float32).
+
+    Raises:
+      ValueError: naming the field and value at fault.
+    """
+    import jax.numpy as jnp  # noqa: PLC0415 (kept out of import time)
+
+    name = _field(model_config, "name")
+    if name not in REGISTRY:
+        raise ValueError(
+            f"model.name={name!r} is not a known encoder; choose one of {sorted(REGISTRY)}")
+    embedding_dim = _field(model_config, "embedding_dim")
+    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
+        raise ValueError(f"model.embedding_dim must be a positive int, got {embedding_dim!r}")
+    width = _field(model_config, "width")
+    if not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        raise ValueError(f"model.width must be a finite number > 0, got {width!r}")
+    dropout = _field(model_config, "dropout")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
+    dtype = _field(model_config, "dtype")
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {_DTYPES}, got {dtype!r}")
+
+    module_name, class_name, fixed = REGISTRY[name]
+    cls = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+    return cls(embedding_dim=embedding_dim, width=float(width), dropout=float(dropout),
+               dtype=jnp.dtype(dtype), **fixed)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (arrays or ``ShapeDtypeStruct``).
+
+    Pass the ``params`` collection only: BatchNorm running statistics live in
+    ``batch_stats`` and are not parameters (as PyTorch buffers are not).
+    """
+    import jax  # noqa: PLC0415
+
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+__all__ = ["REGISTRY", "build_encoder", "count_params"]
