@@ -16,6 +16,9 @@ classifier of another run.
 
 Typed PRNG keys (``jax.random.key``) are stored as their raw ``uint32`` key
 data and wrapped again on restore, so checkpoints hold plain arrays only.
+Zero-size arrays (e.g. the queue of a run with BroadFace off) cannot be
+written by orbax; they are stored as empty leaves and re-created from the
+target's shape, dtype and sharding on restore.
 
 Every failure names the directory at fault: a path that does not exist, a
 folder without checkpoints, a step that is absent, a checkpoint that cannot
@@ -24,6 +27,7 @@ be read (corrupt or incomplete), or a leaf whose shape differs from the model.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -162,6 +166,26 @@ def _keys_to_data(tree: PyTree) -> PyTree:
                         tree)
 
 
+def _is_empty(x: Any) -> bool:
+    return hasattr(x, "shape") and math.prod(x.shape) == 0
+
+
+def _storable(tree: PyTree) -> PyTree:
+    """What is written: key data instead of keys, None instead of empty arrays."""
+    return jax.tree.map(lambda x: None if _is_empty(x) else x, _keys_to_data(tree))
+
+
+def _make_empty(x: Any) -> jax.Array:
+    """A zero-size array with the target leaf's shape, dtype and sharding."""
+    sharding = getattr(x, "sharding", None)
+    if _is_key(x):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.random.wrap_key_data(
+            jax.device_put(jnp.zeros(data.shape, data.dtype), sharding),
+            impl=_key_impl(x))
+    return jax.device_put(jnp.zeros(x.shape, x.dtype), sharding)
+
+
 def _abstract_key_data(x: Any) -> Any:
     """The abstract uint32 key-data leaf that stands for an abstract key."""
     data = jax.eval_shape(jax.random.key_data, x)
@@ -177,11 +201,16 @@ def _key_impl(x: Any) -> Any:
     return found[0]
 
 
-def _wrap_keys(restored: PyTree, target: PyTree) -> PyTree:
-    """Turns restored key data back into typed keys where the target has keys."""
-    return jax.tree.map(
-        lambda r, t: jax.random.wrap_key_data(r, impl=_key_impl(t))
-        if _is_key(t) else r, restored, target)
+def _from_storable(restored: PyTree, target: PyTree) -> PyTree:
+    """Typed keys and empty arrays back where the target has them."""
+    def one(t: Any, r: Any) -> Any:
+        if _is_empty(t):
+            return _make_empty(t)
+        if _is_key(t):
+            return jax.random.wrap_key_data(r, impl=_key_impl(t))
+        return r
+
+    return jax.tree.map(one, target, restored, is_leaf=lambda x: x is None)
 
 
 def abstract_like(state: PyTree, shardings: PyTree) -> PyTree:
@@ -233,6 +262,8 @@ def _check_shapes(stored: dict[str, tuple[int, ...]], target: PyTree,
     """Raises a CheckpointError naming every leaf that is absent or differs."""
     problems = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        if _is_empty(leaf):
+            continue  # stored as an empty leaf, re-created from the target
         name = _path_str(path)
         want = tuple(jax.eval_shape(jax.random.key_data, leaf).shape
                      if _is_key(leaf) else leaf.shape)
@@ -260,7 +291,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *,
     Returns whether a save was started (``save_interval_steps`` may skip it
     unless ``force``). Call ``manager.wait_until_finished()`` before exiting.
     """
-    return manager.save(int(step), args=ocp.args.StandardSave(_keys_to_data(state)),
+    return manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
                         force=force)
 
 
@@ -296,9 +327,9 @@ def restore_partial(path: str | os.PathLike, target: PyTree,
 def _restore(folder: str, step: int, target: PyTree, partial: bool) -> PyTree:
     where = os.fspath(epath.Path(folder) / str(step))
     abstract = jax.tree.map(
-        lambda x: _abstract_key_data(x) if _is_key(x) else
-        jax.ShapeDtypeStruct(x.shape, x.dtype,
-                             sharding=getattr(x, "sharding", None)),
+        lambda x: None if _is_empty(x) else _abstract_key_data(x) if _is_key(x)
+        else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                  sharding=getattr(x, "sharding", None)),
         target)
     reader = _reader(folder)
     try:
@@ -314,4 +345,4 @@ def _restore(folder: str, step: int, target: PyTree, partial: bool) -> PyTree:
                 f"incomplete?): {type(e).__name__}: {e}") from e
     finally:
         reader.close()
-    return _wrap_keys(restored, target)
+    return _from_storable(restored, target)

@@ -47,7 +47,8 @@ def _make_state(seed: int, mesh: jax.sharding.Mesh) -> tuple[_State, _State]:
         batch_stats={"bn": {"mean": r.normal(size=(8,)).astype(np.float32)}},
         opt_state=opt_state,
         queue={"emb": r.normal(size=(16, 8)).astype(np.float32),
-               "label": r.integers(0, 24, size=(16,)).astype(np.int32)},
+               "label": r.integers(0, 24, size=(16,)).astype(np.int32),
+               "off": np.zeros((0, 8), np.float32)},  # a disabled queue: zero size
         rng=jax.random.key(int(r.integers(0, 2**31))),
     )
     rows = NamedSharding(mesh, P("data"))
@@ -89,6 +90,8 @@ def test_round_trip_reshards_onto_other_mesh(tmp_path, mesh8):
 
     assert isinstance(restored, _State)
     _assert_trees_equal(restored, state)
+    assert restored.queue["off"].shape == (0, 8)
+    assert restored.queue["off"].sharding == shard2.queue["off"]
     assert jnp.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
     kernel = restored.params["classifier"]["kernel"]
     assert kernel.sharding == NamedSharding(mesh2, P(None, "data"))

@@ -1,0 +1,72 @@
+"""Command-line entry point: parse flags, set up JAX, train and evaluate.
+
+    python -m broadface_jax.main --config configs/demo.py --workdir runs/demo
+    python -m broadface_jax.main --config configs/lfw.py:smoke --workdir /tmp/lfw
+    python -m broadface_jax.main --config configs/default.py \\
+        --config.per_device_batch_size=64 --workdir runs/paper
+
+``--config`` names a Python file whose ``get_config(arg=None)`` returns an
+``ml_collections.ConfigDict``; ``file.py:variant`` passes ``variant`` as
+``arg``. Any field may be overridden with ``--config.<field>=<value>``; an
+unknown field is an error. Running again with the same ``--workdir`` resumes
+from the latest checkpoint there.
+
+Multi-host runs (several processes, e.g. a TPU pod or several GPU nodes) get
+their coordinator settings through ``broadface_jax.distributed``, which reads
+its own flags / environment and is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from broadface_jax import distributed  # defines the multi-host flags
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
+    "events and evaluation outputs; an existing run there is resumed.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/X.py or configs/X.py:variant).",
+    lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    """tf.data runs beside JAX; without this TensorFlow grabs GPU memory."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+
+class _QuietOrbax(py_logging.Filter):
+    """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or (
+            "/orbax/" not in record.pathname.replace("\\", "/"))
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    _hide_gpus_from_tensorflow()
+    distributed.maybe_initialize()
+
+    import jax
+
+    from broadface_jax import train
+
+    logging.info("JAX process %d / %d, %d local / %d global devices (%s)",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    logging.info("config:\n%s", _CONFIG.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,481 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One call builds the mesh and a state born sharded, then picks its start:
+
+1. a checkpoint in ``workdir`` -> resume: the whole state (encoder, batch
+   statistics, classifier, optimizer states, BroadFace queue, step, RNG), and
+   the input pipeline restarted at that step, so the run continues exactly
+   as if it had never stopped;
+2. else ``config.init_from`` -> warm start: encoder parameters and batch
+   statistics (and the classifier if ``config.init_classifier``) from another
+   run's checkpoint, fresh optimizer and empty queue (the paper starts
+   BroadFace from an ArcFace-trained model);
+3. else from scratch (``config.seed``).
+
+The loop shards each host batch onto the mesh and runs the jitted step.
+Metrics stay on the device between log steps; at a log step they are fetched,
+checked for NaN/inf (a non-finite value stops the run with the step and the
+metric named, before any checkpoint of the bad state is written), averaged
+over the interval and written to absl logging (one progress line),
+``workdir/metrics.jsonl`` (one JSON object per logged step) and TensorBoard
+(``workdir/tensorboard``, process 0 only). Checkpoints every
+``checkpoint_every_steps`` and at the end; evaluation every
+``eval_every_steps`` and at the end, through ``evaluation.run_targets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from broadface_jax import checkpointing, sharding, train_step
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+EVAL_SUBDIR = "eval"
+
+# Metrics reported as their value at the log step rather than the interval mean.
+_LAST_VALUE_METRICS = ("lr", "queue_fill", "queue_used")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or another training metric became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ durations
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When to log, checkpoint and evaluate: every duration in one place.
+
+    Each ``*_every`` is a number of steps; 0 or less means "only at the end".
+    The last step always logs, checkpoints and evaluates.
+    """
+
+    total_steps: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Schedule":
+        values = {}
+        for field in ("total_steps", "log_every_steps", "checkpoint_every_steps",
+                      "eval_every_steps"):
+            value = config[field]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"config.{field}={value!r} must be an integer "
+                                 "number of steps")
+            values[field] = int(value)
+        if values["total_steps"] < 1:
+            raise ValueError(f"config.total_steps={values['total_steps']} must be >= 1")
+        return cls(values["total_steps"], values["log_every_steps"],
+                   values["checkpoint_every_steps"], values["eval_every_steps"])
+
+    @staticmethod
+    def _due(step: int, every: int, total: int) -> bool:
+        return step == total or (every > 0 and step % every == 0)
+
+    def is_log(self, step: int) -> bool:
+        return self._due(step, self.log_every, self.total_steps)
+
+    def is_checkpoint(self, step: int) -> bool:
+        return self._due(step, self.checkpoint_every, self.total_steps)
+
+    def is_eval(self, step: int) -> bool:
+        return self._due(step, self.eval_every, self.total_steps)
+
+
+def global_batch_size(config: Any) -> int:
+    """Images per step over all devices (batch sizes in the config are per device)."""
+    return int(config.per_device_batch_size) * jax.device_count()
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_paths(config: Any) -> None:
+    """Fails early, naming the config field, when a local input path is missing."""
+    data_dir = str(config.dataset.data_dir)
+    if (config.dataset.name == "tfds" and data_dir and "://" not in data_dir
+            and not os.path.isdir(data_dir)):
+        raise FileNotFoundError(
+            f"config.dataset.data_dir={data_dir!r} does not exist (the TFDS data "
+            "directory with the prepared training set)")
+    init_from = str(config.init_from)
+    if init_from and "://" not in init_from and not os.path.exists(init_from):
+        raise FileNotFoundError(
+            f"config.init_from={init_from!r} does not exist (a workdir or "
+            "checkpoint folder of another run to warm-start from)")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _first_non_finite(steps: list[int], host_metrics: list[Mapping[str, Any]]
+                      ) -> Optional[tuple[int, str, float]]:
+    """(step, metric name, value) of the first NaN/inf metric, or None."""
+    for step, metrics in zip(steps, host_metrics):
+        for name in sorted(metrics):
+            value = float(np.asarray(metrics[name]))
+            if not math.isfinite(value):
+                return step, name, value
+    return None
+
+
+# ------------------------------------------------------------------ state
+
+
+def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
+               init_from: str, init_classifier: bool) -> train_step.TrainState:
+    """Loads encoder (+ batch stats, + classifier) from another run's checkpoint.
+
+    The optimizer state, queue, step and RNG stay freshly initialised.
+
+    Raises:
+      checkpointing.CheckpointError: a shape differs (other backbone, other
+        number of classes); the message names every leaf at fault.
+      FileNotFoundError: ``init_from`` has no checkpoint.
+    """
+    params = {"encoder": state.params["encoder"]}
+    params_sh = {"encoder": shardings.params["encoder"]}
+    if init_classifier:
+        params["classifier"] = state.params["classifier"]
+        params_sh["classifier"] = shardings.params["classifier"]
+    part = {"params": params, "batch_stats": state.batch_stats}
+    part_sh = {"params": params_sh, "batch_stats": shardings.batch_stats}
+    try:
+        loaded = checkpointing.restore_partial(
+            init_from, checkpointing.abstract_like(part, part_sh))
+    except checkpointing.CheckpointError as e:
+        hint = ("" if not init_classifier else
+                "\n(set config.init_classifier=False to load only the encoder when "
+                "the classes differ)")
+        raise checkpointing.CheckpointError(
+            f"warm start from config.init_from={init_from!r} failed: {e}{hint}") from e
+    new_params = dict(state.params)
+    new_params.update(loaded["params"])
+    return state.replace(params=new_params, batch_stats=loaded["batch_stats"])
+
+
+def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
+                  ) -> tuple[train_step.TrainState, train_step.TrainState, str]:
+    """The state to start from: resumed, warm-started, or fresh.
+
+    Returns:
+      ``(state, state_shardings, origin)`` with ``origin`` a short description
+      for the log.
+    """
+    rng = jax.random.PRNGKey(int(config.seed))
+    state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
+    step = checkpointing.latest_step(workdir)
+    if step is not None:
+        target = checkpointing.abstract_like(state, shardings)
+        del state  # free the fresh state before reading the checkpoint
+        state = checkpointing.restore(workdir, target, step)
+        return state, shardings, (
+            f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}")
+    if config.init_from:
+        state = warm_start(state, shardings, str(config.init_from),
+                           bool(config.init_classifier))
+        what = "encoder + classifier" if config.init_classifier else "encoder"
+        return state, shardings, f"warm start ({what}) from {config.init_from}"
+    return state, shardings, f"from scratch (seed {config.seed})"
+
+
+# ------------------------------------------------------------------ writers
+
+
+class _MetricsWriter:
+    """metrics.jsonl (appended, flushed per line) and TensorBoard, process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self._enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        from clu import metric_writers
+
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+        self._tb = metric_writers.AsyncWriter(
+            metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._tb.write_scalars(int(step), dict(scalars))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if self._enabled:
+            self._tb.write_hparams(dict(hparams))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _flatten_config(config: Any) -> dict[str, Any]:
+    """Dotted field -> scalar or string, for TensorBoard hparams."""
+    out = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if hasattr(value, "items"):
+            for k, v in value.items():
+                visit(f"{prefix}{k}.", v)
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix[:-1]] = value
+        else:
+            out[prefix[:-1]] = str(value)
+
+    visit("", config)
+    return out
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
+                        ) -> Callable[[train_step.TrainState], Callable[[np.ndarray], np.ndarray]]:
+    """Builds ``bind(state) -> embed_fn`` for the evaluators.
+
+    ``embed_fn(u8[N, H, W, 3]) -> f32[N, D]`` (unnormalised embeddings):
+    resizes to ``config.image_size`` when the evaluator's faces have another
+    size, normalises to ``(x/255 - 0.5)/0.5`` as in training, and runs the
+    encoder in batches of a fixed size (``config.eval.batch_size`` rounded up
+    to a multiple of the device count; the last batch is zero-padded) so the
+    encoder compiles once.
+    """
+    embed = train_step.make_embed_fn(config, mesh, model=model)
+    batch = int(config.eval.batch_size)
+    if batch < 1:
+        raise ValueError(f"config.eval.batch_size={batch} must be >= 1")
+    batch = -(-batch // mesh.size) * mesh.size
+    size = int(config.image_size)
+
+    @jax.jit
+    def resize(x: jax.Array) -> jax.Array:
+        return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]),
+                                method="linear", antialias=True)
+
+    def bind(state: train_step.TrainState) -> Callable[[np.ndarray], np.ndarray]:
+        params, batch_stats = state.params["encoder"], state.batch_stats
+
+        def embed_fn(images: np.ndarray) -> np.ndarray:
+            images = np.asarray(images)
+            if images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"embed_fn expects uint8 images [N, H, W, 3], got "
+                                 f"shape {images.shape}")
+            outs = []
+            for start in range(0, images.shape[0], batch):
+                chunk = images[start:start + batch].astype(np.float32)
+                n = chunk.shape[0]
+                if n < batch:
+                    chunk = np.concatenate(
+                        [chunk, np.zeros((batch - n,) + chunk.shape[1:], np.float32)])
+                chunk = (chunk / 255.0 - 0.5) / 0.5
+                if chunk.shape[1:3] != (size, size):
+                    chunk = np.asarray(resize(chunk))
+                outs.append(embed(params, batch_stats, chunk)[:n])
+            if not outs:
+                return np.zeros((0, int(config.model.embedding_dim)), np.float32)
+            return np.concatenate(outs).astype(np.float32)
+
+        return embed_fn
+
+    return bind
+
+
+def _flatten_eval(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    return {f"eval/{target}/{name}": float(value)
+            for target, metrics in results.items() for name, value in metrics.items()
+            if isinstance(value, (int, float, np.number))}
+
+
+# ------------------------------------------------------------------ loop
+
+
+def _next_batch(iterator: Iterator[dict], step: int, config: Any) -> dict:
+    """The next host batch; input failures are re-raised naming the step and data."""
+    where = (f"data set {config.dataset.name!r}"
+             + (f" ({config.dataset.tfds_name})" if config.dataset.name == "tfds" else ""))
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise RuntimeError(f"the input pipeline ({where}) ran out of batches before "
+                           f"step {step}") from None
+    except ValueError as e:
+        raise ValueError(f"input pipeline ({where}) failed at step {step}: {e}") from e
+    except Exception as e:  # tf.errors.* and the like
+        raise RuntimeError(f"input pipeline ({where}) failed at step {step}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _summarise(host_metrics: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Interval means (last value for lr / queue fill)."""
+    out = {}
+    for name in host_metrics[-1]:
+        values = np.array([float(np.asarray(m[name])) for m in host_metrics])
+        out[name] = float(values[-1] if name in _LAST_VALUE_METRICS else values.mean())
+    return out
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
+                       ) -> dict[str, float]:
+    """Trains (or resumes) a run in ``workdir`` and evaluates it.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` with the fields of
+        ``configs/default.py``.
+      workdir: where checkpoints, ``metrics.jsonl``, TensorBoard events and
+        evaluation outputs go; a run already there is resumed.
+      model: optional Flax module to use instead of
+        ``models.build_encoder(config.model)`` (tests, notebooks).
+
+    Returns:
+      The final metrics: ``step``, the last interval's training metrics and
+      ``eval/<target>/<metric>`` for every evaluation target.
+
+    Raises:
+      NonFiniteError: a metric became NaN/inf (the last good checkpoint stays).
+      FileNotFoundError / ValueError / CheckpointError: bad paths, config
+        values, data or checkpoints, each naming what is wrong.
+    """
+    workdir = os.fspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    schedule = Schedule.from_config(config)
+    _check_paths(config)
+    mesh = sharding.make_mesh(config.mesh)
+    state, shardings, origin = initial_state(config, mesh, workdir, model)
+    start = int(jax.device_get(state.step))
+    total = schedule.total_steps
+    batch_size = global_batch_size(config)
+    is_main = jax.process_index() == 0
+    logging.info("workdir %s: %s; step %d of %d, global batch %d on mesh %s",
+                 workdir, origin, start, total, batch_size, dict(mesh.shape))
+
+    writer = _MetricsWriter(workdir, enabled=is_main)
+    manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+    targets = tuple(config.eval.targets)
+    bind_embed = make_uint8_embed_fn(config, mesh, model) if targets else None
+    final: dict[str, float] = {}
+    eval_results: dict[str, Any] = {}
+
+    def evaluate(step: int) -> None:
+        from broadface_jax import evaluation
+
+        nonlocal eval_results
+        t0 = time.perf_counter()
+        eval_results = evaluation.run_targets(
+            targets, bind_embed(state), config,
+            out_dir=os.path.join(workdir, EVAL_SUBDIR))
+        flat = _flatten_eval(eval_results)
+        writer.write(step, flat)
+        final.update(flat)
+        logging.info("step %d: evaluation (%.1f s)\n%s", step, time.perf_counter() - t0,
+                     evaluation.format_table(eval_results))
+
+    def save(step: int) -> None:
+        if not bool(_all_finite((state.params, state.batch_stats))):
+            raise NonFiniteError(
+                f"step {step}: parameters or batch statistics contain NaN/inf; "
+                "checkpoint not written (the last good checkpoint is kept)")
+        if manager.latest_step() != step:
+            checkpointing.save(manager, step, state, force=True)
+
+    try:
+        if start == 0:
+            writer.write_hparams(_flatten_config(config))
+        if start < total:
+            from broadface_jax import input_pipeline
+
+            iterator = input_pipeline.create_train_iterator(config, start_step=start)
+            step_fn = train_step.make_train_step(config, mesh, shardings, model=model)
+            pending: list[tuple[int, Any]] = []
+            t_interval, steps_in_interval, first_interval = time.perf_counter(), 0, True
+            for step in range(start + 1, total + 1):
+                batch = sharding.shard_batch(_next_batch(iterator, step, config), mesh)
+                state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                steps_in_interval += 1
+                log_now, ckpt_now = schedule.is_log(step), schedule.is_checkpoint(step)
+                if log_now or ckpt_now:
+                    steps = [s for s, _ in pending]
+                    host = jax.device_get([m for _, m in pending])
+                    bad = _first_non_finite(steps, host)
+                    if bad is not None:
+                        raise NonFiniteError(
+                            f"step {bad[0]}: {bad[1]} = {bad[2]} is not finite; training "
+                            "stopped and no checkpoint of this state was written (the "
+                            "last good checkpoint is kept). Lower config.lr or set "
+                            "config.grad_clip_norm.")
+                if log_now:
+                    elapsed = time.perf_counter() - t_interval
+                    summary = _summarise(host)
+                    summary["images_per_sec"] = batch_size * steps_in_interval / elapsed
+                    summary["sec_per_step"] = elapsed / steps_in_interval
+                    writer.write(step, summary)
+                    final.update(summary)
+                    eta = (total - step) * summary["sec_per_step"]
+                    logging.info(
+                        "step %d/%d | loss enc %.4f cls %.4f | lr %.3g | %.1f img/s%s"
+                        " | queue %.0f%% | ETA %s", step, total,
+                        summary.get("loss_encoder", float("nan")),
+                        summary.get("loss_classifier", float("nan")),
+                        summary.get("lr", float("nan")), summary["images_per_sec"],
+                        " (incl. compile)" if first_interval else "",
+                        100 * summary.get("queue_fill", 0.0), _format_duration(eta))
+                    pending, steps_in_interval, first_interval = [], 0, False
+                    t_interval = time.perf_counter()
+                if ckpt_now:
+                    save(step)
+                if schedule.is_eval(step) and targets:
+                    evaluate(step)
+                    t_interval = time.perf_counter()  # keep eval out of images/s
+        else:
+            logging.info("run already at step %d of %d: evaluating only", start, total)
+            if targets:
+                evaluate(start)
+        save(int(jax.device_get(state.step)))
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+    final["step"] = int(jax.device_get(state.step))
+    if eval_results:
+        from broadface_jax import evaluation
+
+        table = evaluation.format_table(eval_results)
+        if is_main:
+            print(f"\nVerification at step {final['step']} ({workdir}):\n{table}", flush=True)
+    return final

@@ -1,0 +1,43 @@
+"""BroadFace with the CosFace margin: s * (cos(theta) - m3), s=64, m3=0.35.
+
+The CosFace paper uses m=0.35; insightface's arcface_torch uses 0.4
+(``:m04``). The queue stays on (BroadFace); ``:baseline`` turns it off for
+the plain CosFace comparison.
+
+Variants (``--config configs/cosface.py:<variant>``):
+  m04        margin 0.4 (insightface's CosFace setting).
+  baseline   queue off: plain CosFace.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _default() -> ml_collections.ConfigDict:
+    """configs/default.py, loaded by path (config files are not a package)."""
+    path = pathlib.Path(__file__).with_name("default.py")
+    spec = importlib.util.spec_from_file_location("broadface_configs_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = _default()
+    c.loss.name = "cosface"
+    c.loss.s = 64.0
+    c.loss.m1 = 1.0
+    c.loss.m2 = 0.0
+    c.loss.m3 = 0.35
+    if arg in (None, ""):
+        pass
+    elif arg == "m04":
+        c.loss.m3 = 0.4
+    elif arg == "baseline":
+        c.queue.size_per_device = 0
+    else:
+        raise ValueError(f"configs/cosface.py: unknown variant {arg!r}; "
+                         "expected '', 'm04' or 'baseline'")
+    return c
