@@ -134,24 +134,31 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
 
     This is the queue half of Eq. 9's numerator. The compensated embeddings are
     data: no gradient flows through e*, only through the logits into the
-    classifier (`kernel_normalized`). The queue is processed `chunk_size` rows
-    of every shard at a time under `jax.lax.scan` with a rematerialised body, so
-    the [rows, C] logits of only one chunk are alive at once, in the forward and
-    the backward pass: peak memory grows with the chunk, not with Q.
+    classifier (`kernel_normalized`).
+
+    The queue is processed `chunk_size` rows of every shard at a time under
+    `jax.lax.scan`. Because the queue term depends on the classifier only, its
+    gradient is computed in the same pass as its value (a custom VJP whose
+    residual is the [C, D] gradient): per chunk, one matmul for the logits and
+    one for the gradient, and only one chunk's [rows, C] logits alive at a
+    time. Peak memory grows with the chunk, not with Q, and nothing is
+    recomputed in the backward pass (plain rematerialisation would redo the
+    logits matmul).
 
     Args:
       queue: the queue (its rows are split into `queue.num_shards` shards).
       kernel: the current classifier W[C, D] (raw; gives W_y for Eq. 7).
       kernel_normalized: W with L2-normalised rows (differentiated).
       margin: a `losses.MarginConfig`.
-      chunk_size: rows per shard per chunk; must divide the shard capacity.
+      chunk_size: rows per shard per chunk (0 = the whole shard); must divide
+        the shard capacity.
       compensate_embeddings: apply Eq. 7 (False: use e⁻ as stored).
       num_classes: real class count when `kernel` has padding rows.
 
     Returns:
       (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
       over valid rows of cos(W⁻, W_y) (classifier drift), and the count of
-      valid rows (float32).
+      valid rows (float32). Only loss_sum carries a gradient.
     """
     s, ql = queue.num_shards, queue.shard_capacity
     chunk = min(int(chunk_size), ql) if chunk_size else ql
@@ -159,18 +166,6 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
         raise ValueError(
             f"config.queue.chunk_size={chunk_size} must divide the per-device queue "
             f"size {ql}")
-    kernel_const = jax.lax.stop_gradient(kernel)
-
-    def body(total, rows):
-        emb, w_old, lab, val = (r.reshape((-1,) + r.shape[2:]) for r in rows)
-        w_cur = jnp.take(kernel_const, lab, axis=0)
-        e = compensate(emb, w_old, w_cur) if compensate_embeddings else emb
-        per_row = losses.margin_cross_entropy(
-            jax.lax.stop_gradient(e), kernel_normalized, lab, margin, num_classes)
-        drift = jnp.sum(losses.l2_normalize(w_old) * losses.l2_normalize(w_cur), axis=-1)
-        loss_sum, drift_sum = total
-        return (loss_sum + jnp.sum(jnp.where(val, per_row, 0.0)),
-                drift_sum + jnp.sum(jnp.where(val, drift, 0.0))), None
 
     # [S, Ql, ...] -> [n_chunks, S, chunk, ...]: each scan step takes `chunk`
     # rows from every shard, so the work stays on the devices holding them.
@@ -181,10 +176,48 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
 
     rows = tuple(chunks(x) for x in (queue.embeddings, queue.weights, queue.labels,
                                      queue.valid))
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    if chunk == ql:
-        (loss_sum, drift_sum), _ = body(zero, tuple(r[0] for r in rows))
-    else:
-        (loss_sum, drift_sum), _ = jax.lax.scan(jax.checkpoint(body), zero, rows)
+    kernel_const = jax.lax.stop_gradient(kernel)
+
+    def prepare(rows):
+        """Compensated embeddings (data), labels and mask of one chunk."""
+        emb, w_old, lab, val = (r.reshape((-1,) + r.shape[2:]) for r in rows)
+        e = compensate(emb, w_old, jnp.take(kernel_const, lab, axis=0)) if compensate_embeddings else emb
+        return e, lab, val
+
+    def chunk_loss(kn, e, lab, val):
+        per_row = losses.margin_cross_entropy(e, kn, lab, margin, num_classes)
+        return jnp.sum(jnp.where(val, per_row, 0.0))
+
+    def scan_all(kn):
+        def body(carry, rows_i):
+            loss_sum, grad = carry
+            loss_i, grad_i = jax.value_and_grad(chunk_loss)(kn, *prepare(rows_i))
+            return (loss_sum + loss_i, grad + grad_i), None
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros_like(kn))
+        if chunk == ql:
+            out, _ = body(zero, tuple(r[0] for r in rows))
+        else:
+            out, _ = jax.lax.scan(body, zero, rows)
+        return out
+
+    @jax.custom_vjp
+    def loss_of(kn):
+        return scan_all(kn)[0]
+
+    def loss_fwd(kn):
+        loss_sum, grad = scan_all(kn)
+        return loss_sum, grad
+
+    def loss_bwd(grad, ct):
+        return (grad * ct,)
+
+    loss_of.defvjp(loss_fwd, loss_bwd)
+
+    loss_sum = loss_of(kernel_normalized)
+    # Drift: [Q, D] work, no gradient, no [Q, C] logits: needs no chunking.
+    drift = jnp.sum(losses.l2_normalize(queue.weights)
+                    * losses.l2_normalize(jnp.take(kernel_const, queue.labels, axis=0)), axis=-1)
+    drift_sum = jnp.sum(jnp.where(queue.valid, drift, 0.0))
     n_valid = jnp.sum(queue.valid.astype(jnp.float32))
     return loss_sum, drift_sum, n_valid
