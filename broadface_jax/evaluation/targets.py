@@ -1,0 +1,313 @@
+"""Evaluation targets built from the config, and the table that reports them.
+
+Targets (``config.eval.targets``):
+
+* ``lfw_dev``: LFW View 1 test pairs (``<data_root>/lfw/pairsDevTest.txt``,
+  500 + 500 pairs) on deep-funneled images, centre-cropped to 112x112 by
+  ``broadface_jax.align.lfw_center_crop``; 10 balanced folds (View 1 has no
+  official folds; see :func:`protocols.read_lfw_pairs`).
+* ``cfp_fp`` / ``cfp_ff``: CFP frontal-profile / frontal-frontal, the
+  official 10 folds of 350 + 350 pairs, images aligned with
+  ``broadface_jax.align.load_cfp_aligned``.
+* ``synthetic``: pairs of held-out synthetic identities from
+  ``broadface_jax.datasets.synthetic.verification_pairs(config, 600, seed)``.
+* ``bin:<path>``: an insightface ``.bin`` (read safely); a relative path is
+  looked up in ``config.eval.bin_dir`` too, and ``.bin`` may be left out
+  (``bin:agedb_30``). Folds: insightface's KFold(10) in file order.
+
+All run the pair protocol of :mod:`verification` with flip-and-sum and
+report accuracy ± std, the chosen threshold, VAL @ FAR = 1e-3 and XNorm.
+
+Caching: the decoded / aligned images of a target are loaded once per
+process (evaluators are memoised by name and config) and kept on disk as an
+``.npz`` under the cache folder: ``config.eval.cache_dir`` if the config has
+that field, else ``$BROADFACE_EVAL_CACHE``, else
+``~/.cache/broadface_jax/eval``. The file name hashes the protocol files,
+the image list and the alignment code, so a change to any of them makes a
+new entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from broadface_jax.evaluation import protocols, verification
+from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
+
+SYNTHETIC_NUM_PAIRS = 600
+SYNTHETIC_SEED_OFFSET = 7919  # synthetic eval pairs use config.seed + this
+TARGET_NAMES = ("lfw_dev", "cfp_fp", "cfp_ff", "synthetic", "bin:<path>")
+
+
+class Evaluator(Protocol):
+    """An evaluation target: ``run(embed_fn, out_dir=None) -> {metric: value}``."""
+
+    name: str
+
+    def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PairData:
+    """Images of a pair target (each stored once) and the pairs over them."""
+
+    images: np.ndarray  # u8[M, H, W, 3]
+    idx_a: np.ndarray  # int[N] rows of images
+    idx_b: np.ndarray  # int[N]
+    issame: np.ndarray  # bool[N]
+    folds: np.ndarray  # int[N]
+
+
+class PairVerificationEvaluator:
+    """Flip-and-sum embeddings, then the 10-fold pair protocol; data loaded lazily, once."""
+
+    def __init__(self, name: str, loader: Callable[[], PairData], batch_size: int):
+        self.name = name
+        self._loader = loader
+        self.batch_size = int(batch_size)
+        self._data: PairData | None = None
+
+    def data(self) -> PairData:
+        if self._data is None:
+            self._data = self._loader()
+        return self._data
+
+    def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+        data = self.data()
+        feats, xnorm = embed_images(embed_fn, data.images, self.batch_size, flip=True)
+        feats = l2_normalize(feats.astype(np.float64))
+        result = verification.evaluate_embeddings(feats[data.idx_a], feats[data.idx_b],
+                                                  data.issame, folds=data.folds)
+        metrics = result.metrics()
+        metrics["xnorm"] = xnorm
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+            verification.plot_roc(result, os.path.join(out_dir, f"roc_{safe}.png"), self.name)
+        return metrics
+
+
+# ------------------------------------------------------------------ caching
+def _cache_dir(config: Any) -> str | None:
+    configured = config.eval.get("cache_dir", None) if hasattr(config.eval, "get") else None
+    path = configured or os.environ.get("BROADFACE_EVAL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "broadface_jax", "eval")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        logging.warning("evaluation image cache disabled: cannot create %s (%s)", path, e)
+        return None
+    return path
+
+
+def _file_digest(path: str) -> bytes:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
+def _cached(cache_dir: str | None, name: str, key_parts: list[bytes | str],
+            build: Callable[[], PairData]) -> PairData:
+    """Loads ``build()``'s result from an .npz keyed by ``key_parts`` or builds and stores it."""
+    if cache_dir is None:
+        return build()
+    h = hashlib.sha1()
+    for part in key_parts:
+        h.update(part if isinstance(part, bytes) else part.encode("utf-8"))
+        h.update(b"\0")
+    path = os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9_]+', '_', name)}-{h.hexdigest()[:16]}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return PairData(**{f.name: z[f.name] for f in dataclasses.fields(PairData)})
+        except Exception as e:  # a partial / corrupt cache file: rebuild it
+            logging.warning("ignoring unreadable evaluation cache %s (%s)", path, e)
+    data = build()
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **dataclasses.asdict(data))
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.warning("could not write evaluation cache %s (%s)", path, e)
+    return data
+
+
+def _module_digest(module_name: str) -> bytes:
+    import importlib
+
+    mod = importlib.import_module(module_name)
+    return _file_digest(mod.__file__)
+
+
+# ------------------------------------------------------------------ loaders
+def _pairs_to_data(pairs: protocols.PairList, load_image: Callable[[str], np.ndarray]) -> PairData:
+    paths, idx_a, idx_b = pairs.unique_paths()
+    first = load_image(paths[0])
+    images = np.empty((len(paths),) + first.shape, np.uint8)
+    images[0] = first
+    for i, p in enumerate(paths[1:], start=1):
+        images[i] = load_image(p)
+    return PairData(images, idx_a, idx_b, pairs.issame, pairs.folds)
+
+
+def _data_root(config: Any, sub: str) -> str:
+    root = os.path.abspath(os.path.join(os.fspath(config.eval.data_root), sub))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"config.eval.data_root={config.eval.data_root!r}: no '{sub}' folder at {root}")
+    return root
+
+
+def _lfw_loader(config: Any) -> Callable[[], PairData]:
+    root = _data_root(config, "lfw")
+    pairs_path = os.path.join(root, "pairsDevTest.txt")
+    images_dir = os.path.join(root, "images_deepfunneled")
+
+    def load() -> PairData:
+        from broadface_jax import align
+
+        pairs = protocols.read_lfw_pairs(pairs_path, images_dir)
+        if not os.path.isdir(images_dir):
+            raise FileNotFoundError(f"LFW images folder not found: {images_dir}")
+
+        def load_image(rel: str) -> np.ndarray:
+            return align.lfw_center_crop(align.read_rgb(os.path.join(images_dir, rel)))
+
+        key = ["lfw_dev", _file_digest(pairs_path), images_dir, _module_digest("broadface_jax.align")]
+        return _cached(_cache_dir(config), "lfw_dev", key, lambda: _pairs_to_data(pairs, load_image))
+
+    return load
+
+
+def _cfp_loader(config: Any, protocol: str) -> Callable[[], PairData]:
+    root = _data_root(config, "cfp")
+    cfp_root = os.path.join(root, "cfp-dataset") if os.path.isdir(os.path.join(root, "cfp-dataset")) else root
+
+    def load() -> PairData:
+        from broadface_jax import align
+
+        pairs = protocols.read_cfp_pairs(cfp_root, protocol)
+        proto = os.path.join(cfp_root, "Protocol")
+        key = [f"cfp_{protocol}", _file_digest(os.path.join(proto, "Pair_list_F.txt")),
+               _file_digest(os.path.join(proto, "Pair_list_P.txt")),
+               "\n".join(pairs.paths_a + pairs.paths_b), cfp_root,
+               _module_digest("broadface_jax.align")]
+        return _cached(_cache_dir(config), f"cfp_{protocol.lower()}", key,
+                       lambda: _pairs_to_data(pairs, lambda rel: np.asarray(align.load_cfp_aligned(cfp_root, rel))))
+
+    return load
+
+
+def _synthetic_loader(config: Any) -> Callable[[], PairData]:
+    def load() -> PairData:
+        from broadface_jax.datasets import synthetic
+
+        a, b, issame = synthetic.verification_pairs(config, SYNTHETIC_NUM_PAIRS,
+                                                    int(config.seed) + SYNTHETIC_SEED_OFFSET)
+        n = a.shape[0]
+        issame = np.asarray(issame, bool)
+        return PairData(np.concatenate([a, b]), np.arange(n), n + np.arange(n), issame,
+                        verification.balanced_fold_ids(issame))
+
+    return load
+
+
+def resolve_bin_path(path: str, bin_dir: str = "") -> str:
+    """A ``bin:`` target's file: as given, else under ``bin_dir``, with or without ``.bin``."""
+    candidates = [path, path + ".bin"]
+    if bin_dir and not os.path.isabs(path):
+        candidates += [os.path.join(bin_dir, path), os.path.join(bin_dir, path + ".bin")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    raise FileNotFoundError(f"verification .bin not found: tried {', '.join(candidates)} "
+                            f"(config.eval.bin_dir={bin_dir!r})")
+
+
+def _bin_loader(config: Any, path: str) -> Callable[[], PairData]:
+    def load() -> PairData:
+        from broadface_jax.evaluation import binfile
+
+        file = resolve_bin_path(path, os.fspath(config.eval.bin_dir))
+        size = int(config.image_size)
+
+        def build() -> PairData:
+            images, issame = binfile.read_bin(file, (size, size))
+            n = issame.shape[0]
+            return PairData(images, 2 * np.arange(n), 2 * np.arange(n) + 1, issame,
+                            verification.kfold_ids(n))
+
+        st = os.stat(file)
+        key = ["bin", file, str(st.st_size), str(st.st_mtime_ns), str(size)]
+        return _cached(_cache_dir(config), "bin_" + os.path.basename(file), key, build)
+
+    return load
+
+
+# ------------------------------------------------------------------ registry
+_EVALUATORS: dict[tuple, PairVerificationEvaluator] = {}
+
+
+def _memo_key(name: str, config: Any) -> tuple:
+    syn = config.dataset.synthetic
+    return (name, os.path.abspath(os.fspath(config.eval.data_root)), os.fspath(config.eval.bin_dir),
+            int(config.eval.batch_size), int(config.image_size), int(config.seed),
+            int(syn.num_identities), int(syn.heldout_identities), int(syn.samples_per_identity))
+
+
+def build_evaluator(name: str, config: Any) -> PairVerificationEvaluator:
+    """The evaluator for target ``name`` (module docstring); memoised per name and config values."""
+    key = _memo_key(name, config)
+    if key in _EVALUATORS:
+        return _EVALUATORS[key]
+    batch_size = int(config.eval.batch_size)
+    if name == "lfw_dev":
+        loader = _lfw_loader(config)
+    elif name in ("cfp_fp", "cfp_ff"):
+        loader = _cfp_loader(config, name[-2:].upper())
+    elif name == "synthetic":
+        loader = _synthetic_loader(config)
+    elif name.startswith("bin:") and len(name) > 4:
+        loader = _bin_loader(config, name[4:])
+    else:
+        raise ValueError(f"unknown evaluation target {name!r}; known: {', '.join(TARGET_NAMES)}")
+    evaluator = PairVerificationEvaluator(name, loader, batch_size)
+    _EVALUATORS[key] = evaluator
+    return evaluator
+
+
+def run_targets(names, embed_fn: EmbedFn, config: Any,
+                out_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """Runs each target in ``names``; returns ``{name: metrics}`` in that order."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    return {name: build_evaluator(name, config).run(embed_fn, out_dir) for name in names}
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
+    """A Markdown table: one row per target, one column per metric (first-seen order)."""
+    columns: list[str] = []
+    for metrics in results.values():
+        for k in metrics:
+            if k not in columns:
+                columns.append(k)
+    header = ["target"] + columns
+    rows = [[name] + [f"{m[c]:.{digits}f}" if c in m else "-" for c in columns]
+            for name, m in results.items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
