@@ -1,0 +1,80 @@
+"""TFDS builder for insightface training sets in MXNet RecordIO (train.rec / train.idx).
+
+MS1MV2 (faces_emore), MS1MV3, Glint360K, WebFace42M, CASIA-WebFace as
+insightface distributes them: already aligned 112x112 JPEG faces. Read with
+`broadface_jax.datasets.recordio` (no mxnet needed).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from broadface_jax.datasets import common, recordio
+
+
+def read_property(path: pathlib.Path) -> int | None:
+    """insightface's `property` file ('num_classes,112,112') -> num_classes, if present."""
+    if not path.is_file():
+        return None
+    fields = path.read_text().strip().split(",")
+    try:
+        return int(fields[0])
+    except ValueError:
+        raise ValueError(f"{path}: expected 'num_classes,height,width', got {fields!r}") from None
+
+
+class InsightfaceRec(tfds.core.GeneratorBasedBuilder):
+    """insightface train.rec / train.idx -> aligned 112x112 JPEG faces + labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Put insightface's `train.rec` and `train.idx` (and, if present, `property`)
+    of the training set (e.g. faces_emore / ms1m-retinaface-t1 / glint360k) in
+    manual_dir. Images are kept byte for byte when they are 112x112 RGB JPEGs.
+    """
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=common.face_features(),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+            homepage="https://github.com/deepinsight/insightface/tree/master/recognition/_datasets_",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        root = pathlib.Path(dl_manager.manual_dir)
+        rec, idx = root / "train.rec", root / "train.idx"
+        for p in (rec, idx):
+            if not p.is_file():
+                raise FileNotFoundError(f"insightface_rec: {p} not found (manual_dir={root})")
+        with recordio.IndexedRecordIO(rec, idx) as reader:
+            layout = recordio.face_record_layout(reader)
+            num_classes = read_property(root / "property")
+            if num_classes is None and len(layout.identity_keys):
+                num_classes = len(layout.identity_keys)
+        if num_classes is None:
+            num_classes = 1 + max(lbl for _, lbl in self._labels(rec, idx, layout.image_keys))
+        self.info.metadata["num_classes"] = int(num_classes)
+        return {"train": self._generate_examples(rec, idx, num_classes)}
+
+    @staticmethod
+    def _labels(rec, idx, keys):
+        with recordio.IndexedRecordIO(rec, idx) as reader:
+            for key in keys:
+                where = f"{rec} record {key}"
+                header, _ = recordio.unpack(reader.read_idx(key), where)
+                yield key, recordio.image_label(header, where)
+
+    def _generate_examples(self, rec: pathlib.Path, idx: pathlib.Path, num_classes: int):
+        with recordio.IndexedRecordIO(rec, idx) as reader:
+            for key in recordio.face_record_layout(reader).image_keys:
+                where = f"{rec} record {key} (offset {reader.index.get(key)})"
+                header, payload = recordio.unpack(reader.read_idx(key), where)
+                label = recordio.image_label(header, where)
+                if label >= num_classes:
+                    raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
+                yield key, common.example(common.face_jpeg(payload, where), label, str(label),
+                                          f"train.rec#{key}")

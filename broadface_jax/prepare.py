@@ -1,0 +1,91 @@
+"""Prepares a face data set for training/evaluation: raw files -> TFDS (ArrayRecord).
+
+    python -m broadface_jax.prepare --dataset insightface_rec \\
+        --manual_dir /data/faces_emore --data_dir /data/tfds
+    python -m broadface_jax.prepare --dataset lfw --manual_dir ../shared/data/lfw --data_dir data/tfds
+    python -m broadface_jax.prepare --dataset cfp --manual_dir ../shared/data/cfp --data_dir data/tfds
+    python -m broadface_jax.prepare --dataset image_folder --manual_dir /data/my_faces --data_dir data/tfds
+
+Runs the builder's `download_and_prepare` (TFDS shows progress bars), writing
+ArrayRecord files, which the training pipeline reads by random access (exact
+resume at any step). Then train with `config.dataset.tfds_name = <dataset>`
+and `config.dataset.data_dir = <data_dir>`; set `config.num_classes` to the
+printed number of identities.
+
+manual_dir per data set:
+  insightface_rec  folder with train.rec, train.idx (and property)
+  image_folder     one sub-folder of aligned face images per identity
+  lfw              LFW folder with images_deepfunneled/ and peopleDevTrain.txt
+                   (CFP's list_name.txt: --cfp_names_file, default
+                   <manual_dir>/../cfp/cfp-dataset/Data/list_name.txt)
+  cfp              CFP's cfp-dataset folder (or its parent)
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+
+from broadface_jax import datasets
+
+_DATASET = flags.DEFINE_enum("dataset", None, list(datasets.SHORT_NAMES), "Data set to prepare.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the raw data (see the module doc).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (default: TFDS's default).")
+_CFP_NAMES = flags.DEFINE_string("cfp_names_file", None,
+                                 "lfw only: CFP's list_name.txt (people to leave out of dev_train).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set is already prepared.")
+_FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+                                 "Output format; training needs array_record (random access).")
+
+
+def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
+            cfp_names_file: str | None = None, overwrite: bool = False,
+            file_format: str = "array_record"):
+    """Builds `dataset` from `manual_dir` into `data_dir`; returns the builder."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    tf.config.set_visible_devices([], "GPU")
+    manual = pathlib.Path(manual_dir)
+    if not manual.is_dir():
+        raise FileNotFoundError(f"--manual_dir {manual} is not a directory")
+    if not any(manual.iterdir()):
+        raise FileNotFoundError(f"--manual_dir {manual} is empty")
+    kwargs = {"file_format": file_format}
+    if cfp_names_file is not None:
+        if datasets.builder_class(dataset).name != "lfw_aligned":
+            raise ValueError("--cfp_names_file only applies to --dataset lfw")
+        kwargs["cfp_names_file"] = cfp_names_file
+    builder = datasets.get_builder(dataset, data_dir, **kwargs)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual), download_mode=mode))
+    return builder
+
+
+def summary(builder) -> str:
+    """One line per split plus the number of identities."""
+    lines = [f"{builder.name} {builder.version} in {builder.data_dir}"]
+    for name, split in builder.info.splits.items():
+        lines.append(f"  split {name}: {split.num_examples} examples")
+    meta = builder.info.metadata or {}
+    if "num_classes" in meta:
+        lines.append(f"  identities (num_classes): {meta['num_classes']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
+                      cfp_names_file=_CFP_NAMES.value, overwrite=_OVERWRITE.value,
+                      file_format=_FILE_FORMAT.value)
+    print(summary(builder), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["dataset", "manual_dir"])
+    app.run(main)

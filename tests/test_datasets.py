@@ -1,0 +1,308 @@
+"""Tests for the RecordIO reader/writer and the TFDS face builders."""
+
+import io
+import os
+import pathlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from broadface_jax.datasets import recordio
+
+MAGIC = struct.pack("<I", 0xCED7230A)
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _smooth_image(rng, h: int, w: int) -> np.ndarray:
+    """A random low-frequency image (JPEG keeps it nearly exactly)."""
+    coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+# ------------------------------------------------------------------ RecordIO
+def test_write_record_byte_layout():
+    """Bytes as dmlc writes them: a plain record, then one split at an embedded magic word."""
+    f = io.BytesIO()
+    recordio.write_record(f, b"abcde")
+    expect = MAGIC + struct.pack("<I", 5) + b"abcde" + b"\0\0\0"
+    assert f.getvalue() == expect
+    f = io.BytesIO()
+    recordio.write_record(f, b"wxyz" + MAGIC + b"12")
+    expect = (MAGIC + struct.pack("<I", (1 << 29) | 4) + b"wxyz"
+              + MAGIC + struct.pack("<I", (3 << 29) | 2) + b"12\0\0")
+    assert f.getvalue() == expect
+    # An unaligned magic word is just data.
+    f = io.BytesIO()
+    recordio.write_record(f, b"x" + MAGIC)
+    assert f.getvalue()[:8] == MAGIC + struct.pack("<I", 5)
+
+
+def test_records_round_trip_including_multi_part(tmp_path):
+    rng = np.random.default_rng(0)
+    payloads = [rng.bytes(int(rng.integers(0, 60))) for _ in range(20)]
+    payloads += [MAGIC + b"ab" + MAGIC * 3 + b"cdef" + MAGIC, MAGIC, b"", MAGIC * 2]
+    with recordio.IndexedRecordIOWriter(tmp_path / "t.rec") as w:
+        for k, p in enumerate(payloads):
+            w.write_idx(k, p)
+    with recordio.IndexedRecordIO(tmp_path / "t.rec") as r:
+        assert r.keys == list(range(len(payloads)))
+        for k, p in enumerate(payloads):
+            assert r.read_idx(k) == p
+    assert [d for _, d in recordio.iter_records(tmp_path / "t.rec")] == payloads
+
+
+def test_pack_unpack_matches_mxnet_layout():
+    head, rest = recordio.unpack(recordio.pack(recordio.IRHeader(0, 7.0, 3, 0), b"img"))
+    assert head == recordio.IRHeader(0, 7.0, 3, 0) and rest == b"img"
+    packed = recordio.pack(recordio.IRHeader(0, [5.0, 9.5], 4, 1), b"xy")
+    # 'IfQQ': flag = number of labels, label field 0, then the f32 labels, then data.
+    assert packed[:24] == struct.pack("<IfQQ", 2, 0.0, 4, 1)
+    assert packed[24:32] == np.array([5.0, 9.5], "<f4").tobytes() and packed[32:] == b"xy"
+    head, rest = recordio.unpack(packed)
+    assert head.flag == 2 and head.label.tolist() == [5.0, 9.5] and rest == b"xy"
+    assert recordio.image_label(head, "x") == 5
+    with pytest.raises(recordio.RecordIOError, match="not a non-negative integer"):
+        recordio.image_label(recordio.IRHeader(0, 2.5, 0, 0), "rec 3")
+    with pytest.raises(recordio.RecordIOError, match="shorter"):
+        recordio.unpack(b"abc", "rec 9")
+
+
+def _write_face_rec(root: pathlib.Path, labels, rng, header=True, array_labels=(), big_ids=()):
+    """A small insightface-style train.rec/.idx: header, images, identity records."""
+    root.mkdir(parents=True, exist_ok=True)
+    images = {}
+    num_ids = max(labels) + 1
+    with recordio.IndexedRecordIOWriter(root / "train.rec", root / "train.idx") as w:
+        n = len(labels)
+        if header:
+            w.write_idx(0, recordio.pack(recordio.IRHeader(0, [n + 1, n + 1 + num_ids], 0, 0), b""))
+        for k, lbl in enumerate(labels, start=1 if header else 0):
+            img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            data = _jpeg(img)
+            images[k] = data
+            label = [float(lbl), 0.0] if k in array_labels else float(lbl)
+            # id = the magic word puts it at an aligned offset: a multi-part record.
+            rec_id = 0xCED7230A if k in big_ids else k
+            w.write_idx(k, recordio.pack(recordio.IRHeader(0, label, rec_id, 0), data))
+        if header:
+            for c in range(num_ids):
+                w.write_idx(n + 1 + c, recordio.pack(recordio.IRHeader(0, [1.0, 2.0], 0, 0), b""))
+    return images
+
+
+def test_face_record_layout_and_truncation(tmp_path):
+    rng = np.random.default_rng(1)
+    _write_face_rec(tmp_path, [0, 1, 1, 2], rng, big_ids={2})
+    with recordio.IndexedRecordIO(tmp_path / "train.rec") as r:
+        layout = recordio.face_record_layout(r)
+        assert list(layout.image_keys) == [1, 2, 3, 4]
+        assert list(layout.identity_keys) == [5, 6, 7]
+        raw = open(tmp_path / "train.rec", "rb").read()
+        assert raw[r.index[2] + 4:r.index[2] + 8] != struct.pack("<I", 0)
+        assert (struct.unpack("<I", raw[r.index[2] + 4:r.index[2] + 8])[0] >> 29) == 1  # multi-part
+    size = os.path.getsize(tmp_path / "train.rec")
+    with recordio.IndexedRecordIO(tmp_path / "train.rec") as r:
+        last_image = r.index[4]
+    # Cut the file inside image record 4.
+    with open(tmp_path / "train.rec", "r+b") as f:
+        f.truncate(last_image + 100)
+    with pytest.raises(recordio.RecordIOError, match="outside"):
+        recordio.IndexedRecordIO(tmp_path / "train.rec")  # identity records now past the end
+    with open(tmp_path / "train.rec", "rb") as f:
+        with pytest.raises(recordio.RecordIOError, match=rf"train.rec.*truncated.*offset {last_image}"):
+            recordio.read_record(f, last_image, tmp_path / "train.rec")
+    assert size > last_image + 100
+
+
+def test_corrupt_magic_names_file_and_offset(tmp_path):
+    with recordio.IndexedRecordIOWriter(tmp_path / "c.rec") as w:
+        w.write_idx(0, b"hello")
+        w.write_idx(1, b"world!!!")
+    data = bytearray(open(tmp_path / "c.rec", "rb").read())
+    data[16] ^= 0xFF  # first byte of record 1's magic
+    (tmp_path / "c.rec").write_bytes(bytes(data))
+    with recordio.IndexedRecordIO(tmp_path / "c.rec") as r:
+        assert r.read_idx(0) == b"hello"
+        with pytest.raises(recordio.RecordIOError, match=r"c\.rec.*bad magic.*offset 16"):
+            r.read_idx(1)
+
+
+# ------------------------------------------------------------------ builders
+def _prepare(name, manual_dir, data_dir, **kwargs):
+    import tensorflow_datasets as tfds
+
+    from broadface_jax import datasets
+    builder = datasets.get_builder(name, str(data_dir), file_format="array_record", **kwargs)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def _read_all(builder, split):
+    import tensorflow_datasets as tfds
+    src = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    return [src[i] for i in range(len(src))]
+
+
+def test_insightface_rec_builder(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = [0, 0, 1, 2, 2, 2, 3]
+    images = _write_face_rec(tmp_path / "raw", labels, rng, array_labels={3, 5}, big_ids={2, 6})
+    builder = _prepare("insightface_rec", tmp_path / "raw", tmp_path / "data")
+    assert builder.info.metadata["num_classes"] == 4
+    rows = _read_all(builder, "train")
+    assert len(rows) == len(labels)
+    by_file = {r["file"].decode(): r for r in rows}
+    for k, lbl in enumerate(labels, start=1):
+        row = by_file[f"train.rec#{k}"]
+        assert row["label"] == lbl
+        assert row["image"] == images[k]  # 112x112 JPEG kept byte for byte
+
+
+def test_insightface_rec_without_header_and_truncated(tmp_path):
+    rng = np.random.default_rng(3)
+    _write_face_rec(tmp_path / "raw", [1, 0, 2], rng, header=False)
+    (tmp_path / "raw" / "property").write_text("5,112,112")
+    builder = _prepare("insightface_rec", tmp_path / "raw", tmp_path / "data")
+    assert builder.info.metadata["num_classes"] == 5
+    assert sorted(r["label"] for r in _read_all(builder, "train")) == [0, 1, 2]
+    # Truncated inside the last record: the error names the file and the record's offset.
+    with recordio.IndexedRecordIO(tmp_path / "raw" / "train.rec") as r:
+        last = r.index[2]
+    with open(tmp_path / "raw" / "train.rec", "r+b") as f:
+        f.truncate(last + 50)
+    with pytest.raises(recordio.RecordIOError, match=rf"train\.rec.*truncated.*offset {last}"):
+        _prepare("insightface_rec", tmp_path / "raw", tmp_path / "data2")
+
+
+def test_insightface_rec_missing_files(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "README").write_text("no record files here")
+    with pytest.raises(FileNotFoundError, match="train.rec"):
+        _prepare("insightface_rec", tmp_path / "raw", tmp_path / "data")
+
+
+def test_image_folder_builder(tmp_path):
+    rng = np.random.default_rng(4)
+    raw = tmp_path / "faces"
+    originals = {}
+    for name, shapes in {"bob": [(112, 112), (90, 100)], "alice": [(112, 112)], "carol": [(128, 128)]}.items():
+        (raw / name).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            img = _smooth_image(rng, h, w)
+            suffix = ".png" if (h, w) != (112, 112) else ".jpg"
+            path = raw / name / f"{i}{suffix}"
+            Image.fromarray(img).save(path)
+            originals[f"{name}/{i}{suffix}"] = img
+    (raw / "empty").mkdir()
+    (raw / "notes.txt").write_text("not an identity")
+    builder = _prepare("image_folder", raw, tmp_path / "data")
+    assert builder.name == "face_image_folder"
+    assert builder.info.metadata["num_classes"] == 3
+    rows = {r["file"].decode(): r for r in _read_all(builder, "train")}
+    assert set(rows) == set(originals)
+    for rel, img in originals.items():
+        name = rel.split("/")[0]
+        assert rows[rel]["label"] == {"alice": 0, "bob": 1, "carol": 2}[name]
+        assert rows[rel]["identity"].decode() == name
+        got = _decode(rows[rel]["image"]).astype(np.float64)
+        assert got.shape == (112, 112, 3)
+        ref = np.asarray(Image.fromarray(img).resize((112, 112), Image.Resampling.BILINEAR), np.float64)
+        assert np.abs(got - ref).mean() < 2.5
+        other = np.asarray(Image.fromarray(originals["alice/0.jpg"]).resize((112, 112)), np.float64)
+        if rel != "alice/0.jpg":
+            assert np.abs(got - other).mean() > 20
+
+
+def test_image_folder_corrupt_image_names_the_file(tmp_path):
+    raw = tmp_path / "faces"
+    (raw / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(raw / "a" / "ok.jpg")
+    good = (raw / "a" / "ok.jpg").read_bytes()
+    (raw / "a" / "bad.jpg").write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=r"a/bad\.jpg"):
+        _prepare("image_folder", raw, tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        from broadface_jax.datasets import image_folder
+        image_folder.list_identities(tmp_path / "nowhere")
+
+
+def test_lfw_dev_train_counts(shared_data):
+    from broadface_jax.datasets import lfw
+    lfw_root = shared_data / "lfw"
+    people = lfw.read_people_file(lfw_root / "peopleDevTrain.txt")
+    assert len(people) == 4038
+    two = {n: k for n, k in people.items() if k >= 2}
+    cfp = lfw.read_cfp_names(shared_data / "cfp" / "cfp-dataset" / "Data" / "list_name.txt")
+    assert len(cfp) == 500
+    assert (len(two), sum(two.values())) == (1184, 6671)
+    assert len(set(two) & cfp) == 91
+    split = lfw.dev_train_people(lfw_root)  # default CFP list location: ../cfp/...
+    assert len(split) == 1093
+    assert [n for n, _ in split] == sorted(set(two) - cfp)
+    test_people = lfw.read_people_file(lfw_root / "peopleDevTest.txt")
+    assert not set(test_people) & {n for n, _ in split}
+
+
+def test_lfw_builder_on_a_subset(tmp_path, shared_data):
+    from broadface_jax import align
+    from broadface_jax.datasets import lfw
+    src = shared_data / "lfw"
+    people = lfw.read_people_file(src / "peopleDevTrain.txt")
+    cfp = lfw.read_cfp_names(shared_data / "cfp" / "cfp-dataset" / "Data" / "list_name.txt")
+    many = sorted(n for n, k in people.items() if 2 <= k <= 3 and n not in cfp)[:3]
+    in_cfp = sorted(n for n, k in people.items() if 2 <= k <= 3 and n in cfp)[:1]
+    single = sorted(n for n, k in people.items() if k == 1)[:1]
+    chosen = many + in_cfp + single
+    manual = tmp_path / "lfw"
+    (manual / "images_deepfunneled").mkdir(parents=True)
+    for n in chosen:
+        os.symlink(src / "images_deepfunneled" / n, manual / "images_deepfunneled" / n)
+    (manual / "peopleDevTrain.txt").write_text(
+        f"{len(chosen)}\n" + "".join(f"{n}\t{people[n]}\n" for n in chosen))
+    names = tmp_path / "cfp" / "cfp-dataset" / "Data" / "list_name.txt"
+    names.parent.mkdir(parents=True)
+    names.write_text("".join(n.replace("_", " ") + "\n" for n in in_cfp))
+    builder = _prepare("lfw", manual, tmp_path / "data")
+    assert builder.info.metadata["num_classes"] == 3
+    rows = _read_all(builder, "dev_train")
+    assert len(rows) == sum(people[n] for n in many)
+    for r in rows:
+        name = r["identity"].decode()
+        assert r["label"] == many.index(name)
+        face = align.lfw_center_crop(align.read_rgb(src / r["file"].decode()))
+        assert np.abs(_decode(r["image"]).astype(float) - face).mean() < 3.0
+
+
+def test_cfp_builder_on_a_fake_tree(tmp_path, shared_data):
+    from broadface_jax import align
+    src = shared_data / "cfp" / "cfp-dataset"
+    root = tmp_path / "cfp" / "cfp-dataset"
+    for pid in ("001", "002"):
+        for view, n in (("frontal", "01"), ("frontal", "02"), ("profile", "01")):
+            for kind, ext in (("Images", ".jpg"), ("Fiducials", ".txt")):
+                d = root / "Data" / kind / pid / view
+                d.mkdir(parents=True, exist_ok=True)
+                os.symlink(src / "Data" / kind / pid / view / (n + ext), d / (n + ext))
+    names = (src / "Data" / "list_name.txt").read_text().splitlines()[:2]
+    (root / "Data" / "list_name.txt").write_text("\n".join(names) + "\n")
+    builder = _prepare("cfp", tmp_path / "cfp", tmp_path / "data")
+    assert builder.info.metadata["num_classes"] == 2
+    assert builder.info.splits["frontal"].num_examples == 4
+    assert builder.info.splits["profile"].num_examples == 2
+    for r in _read_all(builder, "profile") + _read_all(builder, "frontal"):
+        rel = r["file"].decode()
+        assert r["label"] == int(rel.split("/")[2]) - 1
+        assert r["identity"].decode() == names[r["label"]].strip()
+        ref = align.align_cfp_image(src, rel).astype(float)
+        assert np.abs(_decode(r["image"]).astype(float) - ref).mean() < 3.0
