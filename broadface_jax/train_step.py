@@ -136,11 +136,7 @@ def validate_config(config: Any, mesh: Mesh) -> None:
         raise ValueError(f"config.num_classes={config.num_classes} must be >= 2")
 
 
-def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None
-                       ) -> tuple[TrainState, TrainState]:
-    """Initialises the state born sharded: eval_shape -> rules -> jit(out_shardings)."""
-    validate_config(config, mesh)
-    model = _model(config, model)
+def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState]:
     tx, _ = make_optimizer(config)
     c_pad = padded_num_classes(config, mesh)
     dim = int(config.model.embedding_dim)
@@ -162,9 +158,24 @@ def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None
             rng=k_state,
         )
 
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(abstract, config, mesh)
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    return init
+
+
+def abstract_train_state(config: Any, mesh: Mesh, model=None
+                         ) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStruct state, shardings) without allocating anything."""
+    validate_config(config, mesh)
+    init = _init_fn(config, mesh, _model(config, model))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    return abstract, state_shardings(abstract, config, mesh)
+
+
+def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None
+                       ) -> tuple[TrainState, TrainState]:
+    """Initialises the state born sharded: eval_shape -> rules -> jit(out_shardings)."""
+    model = _model(config, model)
+    _, shardings = abstract_train_state(config, mesh, model)
+    state = jax.jit(_init_fn(config, mesh, model), out_shardings=shardings)(rng)
     return state, shardings
 
 
