@@ -221,3 +221,47 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
     drift_sum = jnp.sum(jnp.where(queue.valid, drift, 0.0))
     n_valid = jnp.sum(queue.valid.astype(jnp.float32))
     return loss_sum, drift_sum, n_valid
+
+
+def relayout(queue: QueueState, capacity: int, num_shards: int) -> QueueState:
+    """Re-lays a queue saved on one device count out for another (elastic resume).
+
+    Host-side (NumPy), once, at restore. The valid rows are ordered newest
+    first (row age within each old shard follows from its write position), the
+    newest `capacity` rows are kept, rounded down to a multiple of
+    `num_shards` so that every new shard holds the same count, and dealt out
+    round-robin, each new shard written oldest to newest from slot 0 so the
+    ring continues from a common write position. Nothing is kept that was not
+    valid; at most `num_shards - 1` extra oldest rows are dropped.
+    """
+    import numpy as np
+
+    emb, w, lab, val = (np.asarray(x) for x in (queue.embeddings, queue.weights,
+                                                queue.labels, queue.valid))
+    old_s, old_ql = queue.num_shards, queue.shard_capacity
+    pos = int(queue.position)
+    dim = emb.shape[1]
+    order = []  # global row indices, newest first
+    for age in range(old_ql):
+        r = (pos - 1 - age) % old_ql if old_ql else 0
+        for s in range(old_s):
+            i = s * old_ql + r
+            if val[i]:
+                order.append(i)
+    new = init_queue(capacity, dim, num_shards)
+    if capacity == 0:
+        return new
+    ql = capacity // num_shards
+    n_per_shard = min(len(order), capacity) // num_shards
+    keep = np.asarray(order[: n_per_shard * num_shards], np.int64)
+    out = {k: np.zeros(np.shape(getattr(new, k)), getattr(new, k).dtype)
+           for k in ("embeddings", "weights", "labels", "valid")}
+    for j, i in enumerate(keep):
+        shard, rank = j % num_shards, j // num_shards  # rank 0 = newest
+        slot = shard * ql + (n_per_shard - 1 - rank)
+        out["embeddings"][slot] = emb[i]
+        out["weights"][slot] = w[i]
+        out["labels"][slot] = lab[i]
+        out["valid"][slot] = True
+    return new.replace(**{k: jnp.asarray(v) for k, v in out.items()},
+                       position=jnp.asarray(n_per_shard % ql, jnp.int32))

@@ -161,3 +161,38 @@ def test_sharded_enqueue_is_local_to_each_device():
         got = np.asarray(shard.data)
         # device i holds batch rows 2i, 2i+1 (labels == row index) in its first two slots
         np.testing.assert_array_equal(got[:2], [2 * dev, 2 * dev + 1])
+
+
+@pytest.mark.parametrize("old,new,cap_old,cap_new", [(8, 4, 32, 16), (8, 1, 32, 4), (2, 4, 8, 32)])
+def test_relayout_keeps_the_newest_rows(old, new, cap_old, cap_new):
+    rng = np.random.default_rng()
+    d = 3
+    q = queue_lib.init_queue(cap_old, d, old)
+    stream = []  # (label, embedding) in write order, per old shard
+    steps = 5
+    for _ in range(steps):
+        b = rng.normal(size=(old * 2, d)).astype(np.float32)
+        lab = rng.integers(0, 10_000, old * 2).astype(np.int32)
+        q = queue_lib.enqueue(q, b, b * 2, lab)
+        stream.append((lab, b))
+    r = queue_lib.relayout(q, cap_new, new)
+    assert r.num_shards == new and r.capacity == cap_new
+    valid = np.asarray(r.valid)
+    # newest rows first overall: age = steps back, ties within a step in shard order
+    kept_want = min(int(np.asarray(q.valid).sum()), cap_new) // new * new
+    assert valid.sum() == kept_want
+    newest = []
+    for lab, b in reversed(stream):
+        for local in (1, 0):
+            for s in range(old):
+                newest.append((lab[s * 2 + local], b[s * 2 + local]))
+    want_labels = sorted(int(l) for l, _ in newest[:kept_want])
+    assert sorted(np.asarray(r.labels)[valid].tolist()) == want_labels
+    # rows stay whole: W⁻ and embedding travel together
+    np.testing.assert_array_equal(np.asarray(r.weights)[valid], 2 * np.asarray(r.embeddings)[valid])
+    # and the ring goes on: the next enqueue overwrites the oldest row of each shard
+    ql = cap_new // new
+    assert int(r.position) == (kept_want // new) % ql
+    r2 = queue_lib.enqueue(r, np.zeros((new, d), np.float32), np.zeros((new, d), np.float32),
+                           np.full((new,), -1, np.int32))
+    assert (np.asarray(r2.labels) == -1).sum() == new
