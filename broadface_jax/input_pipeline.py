@@ -1,0 +1,328 @@
+"""The training input pipeline: tf.data, per process, deterministic and resumable.
+
+`create_train_iterator(config, start_step)` yields per-process numpy batches
+`{'image': f32[B, H, W, 3] in [-1, 1], 'label': i32[B]}` with
+`B = config.per_device_batch_size * jax.local_device_count()`.
+
+Order. Each process reads its own contiguous shard of the split
+(`tfds.split_for_jax_process`). The stream of record indices is a
+concatenation of epochs, each a permutation of the shard drawn from
+`(config.seed, process index, epoch)`; batch k is positions
+`[k * B, (k + 1) * B)` of that stream and the flips of its images come from
+`(config.seed, process index, k)`. So batch k is a pure function of k:
+`start_step=k` computes it directly (nothing is read and skipped), and a
+resumed run sees exactly the batches a run that never stopped would have seen.
+
+Data. `config.dataset.name == 'tfds'` reads a data set prepared by
+`python -m broadface_jax.prepare` (ArrayRecord files, random access through
+`tfds` data sources, images fetched as JPEG bytes and decoded by tf.data);
+`'synthetic'` renders `broadface_jax.datasets.synthetic` identities.
+Decoding, flip and normalisation `(x / 255 - 0.5) / 0.5` run in tf.data with
+parallel maps; TensorFlow is hidden from GPUs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import gc
+import itertools
+import pathlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+_PERM_SALT = 0x0E90C4
+_FLIP_SALT = 0xF11F
+
+
+# ------------------------------------------------------------------ sources
+@dataclasses.dataclass
+class _Source:
+    """What the pipeline reads: `fetch(indices) -> (payload, labels)`.
+
+    payload is a list of encoded images (`encoded=True`) or u8[N, H, W, 3].
+    """
+
+    name: str
+    num_examples: int  # in this process's shard
+    num_total: int  # in the whole split
+    encoded: bool
+    fetch: Callable[[np.ndarray], tuple[Any, np.ndarray]]
+    describe: Callable[[int], str]  # record index -> where it came from
+
+
+def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source:
+    import tensorflow_datasets as tfds
+
+    from broadface_jax import datasets
+
+    ds_cfg = config.dataset
+    name, split = ds_cfg.tfds_name, ds_cfg.split
+    data_dir = ds_cfg.data_dir or None
+    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.dataset.data_dir {data_dir} does not exist (data set {name})")
+    builder = datasets.get_builder(name, data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"data set {name} is not prepared in {builder.data_dir}: run "
+            f"`python -m broadface_jax.prepare --dataset {name} --manual_dir ... "
+            f"--data_dir {data_dir or '<TFDS default>'}`")
+    if split not in builder.info.splits:
+        raise ValueError(f"data set {name} has no split {split!r}; it has {list(builder.info.splits)}")
+    num_total = builder.info.splits[split].num_examples
+    shard = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    try:
+        src = builder.as_data_source(shard, decoders={"image": tfds.decode.SkipDecoding()})
+    except NotImplementedError as e:
+        raise ValueError(
+            f"data set {name} in {builder.data_dir} was not prepared in a random-access format "
+            f"(prepare it with broadface_jax.prepare, which writes ArrayRecord): {e}") from e
+    if len(src) == 0:
+        raise ValueError(f"data set {name} split {split!r} shard {process_index}/{process_count} is empty")
+    where = f"{name} ({builder.data_dir}) split {split!r}"
+
+    def fetch(indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        records = src.__getitems__([int(i) for i in indices])
+        return ([r["image"] for r in records],
+                np.array([r["label"] for r in records], dtype=np.int64))
+
+    def describe(index: int) -> str:
+        record = src[int(index)]
+        file = record.get("file", b"")
+        file = file.decode() if isinstance(file, bytes) else str(file)
+        return f"{where}, shard record {index}" + (f" (file {file})" if file else "")
+
+    return _Source(name, len(src), num_total, True, fetch, describe)
+
+
+def _synthetic_source(config: Any, process_index: int, process_count: int) -> _Source:
+    from broadface_jax.datasets import synthetic
+
+    spec = synthetic.spec_from_config(config)
+    total = spec.num_examples
+    if total <= 0:
+        raise ValueError(
+            "config.dataset.name == 'synthetic' needs config.dataset.synthetic.num_identities > 0 and "
+            f"samples_per_identity > 0 (got {spec.num_identities}, {spec.samples_per_identity})")
+    per = total // process_count
+    if per == 0:
+        raise ValueError(f"synthetic data set has {total} examples, fewer than {process_count} processes")
+    lo = process_index * per
+
+    def fetch(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = synthetic.training_examples(spec, lo + np.asarray(indices), config.seed)
+        return images, labels.astype(np.int64)
+
+    def describe(index: int) -> str:
+        e = lo + int(index)
+        return f"synthetic example {e} (identity {e // spec.samples_per_identity})"
+
+    return _Source("synthetic", per, total, False, fetch, describe)
+
+
+def _make_source(config: Any, process_index: int, process_count: int) -> _Source:
+    kind = config.dataset.name
+    if kind == "tfds":
+        return _tfds_source(config, process_index, process_count)
+    if kind == "synthetic":
+        return _synthetic_source(config, process_index, process_count)
+    raise ValueError(f"config.dataset.name must be 'tfds' or 'synthetic', got {kind!r}")
+
+
+# ------------------------------------------------------------- index stream
+class IndexStream:
+    """Record indices and flips of batch k, a pure function of (seed, process, k)."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, process_index: int):
+        if num_examples <= 0 or batch_size <= 0:
+            raise ValueError(f"IndexStream needs num_examples > 0 and batch_size > 0, "
+                             f"got {num_examples}, {batch_size}")
+        self.n, self.b = int(num_examples), int(batch_size)
+        self.seed, self.process = int(seed) & 0xFFFFFFFF, int(process_index)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([_PERM_SALT, self.seed, self.process, epoch])
+            self._perms[epoch] = rng.permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.b, (step + 1) * self.b, dtype=np.int64)
+        epochs, offsets = pos // self.n, pos % self.n
+        out = np.empty(self.b, np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self.permutation(int(e))[offsets[sel]]
+        return out
+
+    def flips(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([_FLIP_SALT, self.seed, self.process, step])
+        return rng.random(self.b) < 0.5
+
+
+# ------------------------------------------------------------------ tf.data
+def _hide_gpus_from_tf(tf) -> None:
+    """TensorFlow must not reserve accelerator memory next to JAX."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # already initialised; then it was hidden before (or there is no GPU)
+        pass
+
+
+def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int):
+    import tensorflow as tf
+
+    b = stream.b
+
+    def batches() -> Iterator[tuple[Any, np.ndarray, np.ndarray, np.int64]]:
+        for step in itertools.count(start_step):
+            payload, labels = source.fetch(stream.indices(step))
+            yield payload, labels, stream.flips(step), np.int64(step)
+
+    if source.encoded:
+        sig = (tf.TensorSpec([b], tf.string), tf.TensorSpec([b], tf.int64),
+               tf.TensorSpec([b], tf.bool), tf.TensorSpec([], tf.int64))
+    else:
+        sig = (tf.TensorSpec([b, image_size, image_size, 3], tf.uint8), tf.TensorSpec([b], tf.int64),
+               tf.TensorSpec([b], tf.bool), tf.TensorSpec([], tf.int64))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=sig)
+
+    if source.encoded:
+        def decode(data, label, flip):
+            image = tf.cast(tf.io.decode_jpeg(data, channels=3), tf.float32)
+            same = tf.logical_and(tf.shape(image)[0] == image_size, tf.shape(image)[1] == image_size)
+            image = tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.image.resize(
+                image, (image_size, image_size), method="bilinear", antialias=True), 0.0, 255.0))
+            image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+            image = tf.ensure_shape(image, [image_size, image_size, 3])
+            return (image / 255.0 - 0.5) / 0.5, label
+
+        ds = ds.map(lambda p, l, f, s: (p, l, f)).unbatch()
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(b, drop_remainder=True)
+    else:
+        def augment(images, labels, flips, step):
+            images = tf.cast(images, tf.float32)
+            images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+            return (images / 255.0 - 0.5) / 0.5, labels
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
+    """Raises ValueError naming the value when a label is outside [0, num_classes)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        value = int(labels[np.argmax(bad)])
+        raise ValueError(f"label {value} out of range [0, {num_classes}) in data set {dataset} "
+                         f"(config.num_classes = {num_classes})")
+
+
+def _find_bad_record(source: _Source, stream: IndexStream, step: int, tf) -> str:
+    """Decodes batch `step` eagerly to name the record that failed."""
+    indices = stream.indices(step)
+    payload, _ = source.fetch(indices)
+    for index, data in zip(indices, payload):
+        try:
+            tf.io.decode_jpeg(data, channels=3)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+            return f"{source.describe(int(index))}: {str(e).splitlines()[0]}"
+    return f"batch {step} (no single bad record found on re-reading)"
+
+
+def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
+    """Per-process numpy batches from step `start_step` on (module docstring)."""
+    import jax
+    import tensorflow as tf
+
+    _hide_gpus_from_tf(tf)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    process_index, process_count = jax.process_index(), jax.process_count()
+    batch = int(config.per_device_batch_size) * jax.local_device_count()
+    source = _make_source(config, process_index, process_count)
+    stream = IndexStream(source.num_examples, batch, config.seed, process_index)
+    ds = _build_dataset(source, stream, start_step, int(config.image_size))
+    return TrainIterator(ds, source, stream, start_step, int(config.num_classes), tf)
+
+
+class TrainIterator:
+    """Iterator over checked numpy batches; `close()` releases the tf.data pipeline.
+
+    Live iterators are closed at interpreter exit: a tf.data generator still
+    running while Python finalises can otherwise hang the exit.
+    """
+
+    def __init__(self, ds, source: _Source, stream: IndexStream, start_step: int, num_classes: int, tf):
+        self._it = ds.as_numpy_iterator()
+        self._source, self._stream, self._tf = source, stream, tf
+        self._num_classes = num_classes
+        self.step = start_step  # the step of the next batch
+        _LIVE_ITERATORS.add(self)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            raise StopIteration
+        tf = self._tf
+        try:
+            images, labels = next(self._it)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+            bad = _find_bad_record(self._source, self._stream, self.step, tf)
+            raise ValueError(f"corrupt image in {bad}") from e
+        check_labels(labels, self._num_classes, self._source.name)
+        self.step += 1
+        return {"image": images, "label": labels.astype(np.int32)}
+
+    def close(self) -> None:
+        self._it = None
+
+
+_LIVE_ITERATORS: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+    gc.collect()
+
+
+def num_train_examples(config: Any) -> int:
+    """Examples in the whole training split (all processes)."""
+    if config.dataset.name == "synthetic":
+        from broadface_jax.datasets import synthetic
+        return synthetic.spec_from_config(config).num_examples
+    if config.dataset.name != "tfds":
+        raise ValueError(f"config.dataset.name must be 'tfds' or 'synthetic', got {config.dataset.name!r}")
+    from broadface_jax import datasets
+    builder = datasets.get_builder(config.dataset.tfds_name, config.dataset.data_dir or None)
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"data set {config.dataset.tfds_name} is not prepared in {builder.data_dir}")
+    return builder.info.splits[config.dataset.split].num_examples
+
+
+def num_classes_of(config: Any) -> int:
+    """The prepared data set's number of identities (its metadata), for checking configs."""
+    if config.dataset.name == "synthetic":
+        return int(config.dataset.synthetic.num_identities)
+    from broadface_jax import datasets
+    builder = datasets.get_builder(config.dataset.tfds_name, config.dataset.data_dir or None)
+    meta = builder.info.metadata or {}
+    if "num_classes" not in meta:
+        raise ValueError(f"data set {config.dataset.tfds_name} in {builder.data_dir} has no "
+                         f"num_classes metadata")
+    return int(meta["num_classes"])
+
