@@ -23,6 +23,9 @@ setup(
         "tensorflow-cpu>=2.17; platform_machine=='x86_64'",
         "tensorflow>=2.17; platform_machine!='x86_64'",
         "tensorflow-datasets>=4.9.7",
+        # tfds 4.9.x builders import it (DatasetBuilder.code_path) but do not declare it.
+        "importlib_resources>=6.0",
+        "array_record>=0.5.0; platform_system == 'Linux'",
         "tensorboard>=2.17",
         "pillow>=10.0",
         "scikit-learn>=1.4",
