@@ -1,11 +1,14 @@
 """MobileFaceNet as in insightface's arcface_torch (``backbones/mobilefacenet.py``).
 
-``MobileFaceNet(blocks=(1, 4, 6, 2), scale=1)`` is the network of the
-MobileFaceNets paper (Chen et al., CCBR 2018, Table 1): 0.99M parameters with
-a 128-d embedding at 112x112; measured here: 991,616 parameters (PyTorch
-count, see ``tests/test_models.py``). ``scale=2`` is arcface_torch's default
-``get_mbf`` ("mbf"), which doubles the 64/128 trunk widths but keeps the
-expansion widths 128/256/512.
+``MobileFaceNet(blocks=(1, 4, 6, 2), scale=1)`` ("mobilefacenet") is the
+network of the MobileFaceNets paper (Chen et al., CCBR 2018, Table 1), for
+which the paper reports 0.99M parameters with a 128-d embedding. Its PyTorch
+count (conv/FC weights, BN affine, PReLU slopes) at 112x112 and 128-d is
+1,003,136 (976,000 weights + 19,584 BN affine + 7,552 PReLU), 0.46 GFLOPs.
+``scale=2`` ("mbf") is arcface_torch's default ``get_mbf``: it doubles the
+64/128 trunk widths but keeps the expansion widths 128/256/512; at 512-d it
+has 2,059,520 parameters and 0.90 GFLOPs (arcface_torch's "mobilefacenet-0.45G"
+counts multiply-adds). See ``tests/test_models.py``.
 
 Layout at width 1, scale s (C1 = 64s, C2 = 128s):
 
