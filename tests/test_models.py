@@ -555,6 +555,9 @@ def test_build_encoder_rejects_bad_config(field: str, value: Any) -> None:
     cfg[field] = value
     with pytest.raises(ValueError, match=f"model.{field}"):
         models.build_encoder(cfg)
+
+
+def test_build_encoder_names_missing_field() -> None:
     with pytest.raises(ValueError, match="no field 'dtype'"):
         models.build_encoder({k: v for k, v in model_config("iresnet50").items() if k != "dtype"})
 
