@@ -27,6 +27,7 @@ be read (corrupt or incomplete), or a leaf whose shape differs from the model.
 
 from __future__ import annotations
 
+import logging as py_logging
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -43,6 +44,23 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class _QuietOrbax(py_logging.Filter):
+    """Drops orbax's INFO chatter (dozens of lines per checkpoint)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or (
+            "/orbax/" not in record.pathname.replace("\\", "/"))
+
+
+def quiet_orbax_logging() -> None:
+    """Keeps orbax's warnings and errors in the absl log but not its INFO lines."""
+    from absl import logging
+
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+        handler.addFilter(_QuietOrbax())
 
 
 # ----------------------------------------------------------------- locations

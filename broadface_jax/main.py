@@ -18,7 +18,6 @@ its own flags / environment and is a no-op for a single process.
 
 from __future__ import annotations
 
-import logging as py_logging
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -42,18 +41,12 @@ def _hide_gpus_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "GPU")
 
 
-class _QuietOrbax(py_logging.Filter):
-    """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or (
-            "/orbax/" not in record.pathname.replace("\\", "/"))
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    from broadface_jax import checkpointing
+
+    checkpointing.quiet_orbax_logging()
     _hide_gpus_from_tensorflow()
     distributed.maybe_initialize()
 

@@ -265,8 +265,8 @@ def _flatten_config(config: Any) -> dict[str, Any]:
 
 
 def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
-                        ) -> Callable[[train_step.TrainState], Callable[[np.ndarray], np.ndarray]]:
-    """Builds ``bind(state) -> embed_fn`` for the evaluators.
+                        ) -> Callable[[Any, Any], Callable[[np.ndarray], np.ndarray]]:
+    """Builds ``bind(encoder_params, batch_stats) -> embed_fn`` for the evaluators.
 
     ``embed_fn(u8[N, H, W, 3]) -> f32[N, D]`` (unnormalised embeddings):
     resizes to ``config.image_size`` when the evaluator's faces have another
@@ -287,9 +287,7 @@ def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
         return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]),
                                 method="linear", antialias=True)
 
-    def bind(state: train_step.TrainState) -> Callable[[np.ndarray], np.ndarray]:
-        params, batch_stats = state.params["encoder"], state.batch_stats
-
+    def bind(params: Any, batch_stats: Any) -> Callable[[np.ndarray], np.ndarray]:
         def embed_fn(images: np.ndarray) -> np.ndarray:
             images = np.asarray(images)
             if images.ndim != 4 or images.shape[-1] != 3:
@@ -396,7 +394,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
         nonlocal eval_results
         t0 = time.perf_counter()
         eval_results = evaluation.run_targets(
-            targets, bind_embed(state), config,
+            targets, bind_embed(state.params["encoder"], state.batch_stats), config,
             out_dir=os.path.join(workdir, EVAL_SUBDIR))
         flat = _flatten_eval(eval_results)
         writer.write(step, flat)
@@ -412,6 +410,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
         if manager.latest_step() != step:
             checkpointing.save(manager, step, state, force=True)
 
+    iterator = None
     try:
         if start == 0:
             writer.write_hparams(_flatten_config(config))
@@ -467,6 +466,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
                 evaluate(start)
         save(int(jax.device_get(state.step)))
     finally:
+        if hasattr(iterator, "close"):
+            iterator.close()  # release tf.data while the interpreter is alive
         manager.wait_until_finished()
         manager.close()
         writer.close()

@@ -165,7 +165,8 @@ def test_uint8_embed_fn_matches_float64_reference(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(train.train_step, "make_embed_fn", recording_make)
-    embed_fn = train.make_uint8_embed_fn(config, mesh, model)(state)
+    embed_fn = train.make_uint8_embed_fn(config, mesh, model)(
+        state.params["encoder"], state.batch_stats)
 
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, size=(37, 16, 16, 3), dtype=np.uint8)
@@ -193,7 +194,7 @@ def test_uint8_embed_fn_matches_float64_reference(monkeypatch):
 
 def test_warm_start_loads_encoder_exactly(tmp_path):
     source = tmp_path / "arcface"
-    config = tiny_config(total_steps=2)
+    config = tiny_config(total_steps=1)
     config.queue.size_per_device = 0
     train.train_and_evaluate(config, source, model=tiny_model())
     trained = restore_state(config, source)

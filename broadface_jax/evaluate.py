@@ -1,0 +1,130 @@
+"""Evaluate a trained run's encoder on verification targets.
+
+    python -m broadface_jax.evaluate --config configs/lfw.py --workdir runs/lfw
+    python -m broadface_jax.evaluate --config configs/demo.py --workdir runs/demo \\
+        --targets synthetic,lfw_dev --checkpoint runs/demo/checkpoints/400
+
+Restores the encoder (parameters and BatchNorm statistics) from the latest
+checkpoint of ``--workdir`` (or from ``--checkpoint``: a workdir, checkpoints
+folder or step folder), embeds each target's faces with flip-and-sum, prints
+the accuracy table, and writes ROC curves (PNG) and ``results_<step>.json`` to
+``<workdir>/eval``. ``--config`` must describe the same model as the run
+(``model.*``, ``image_size``); ``--targets`` defaults to
+``config.eval.targets``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from broadface_jax import distributed  # defines the multi-host flags
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The run's directory; results go to <workdir>/eval.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config of the run (configs/X.py or configs/X.py:variant).",
+    lock_config=True)
+_TARGETS = flags.DEFINE_list(
+    "targets", None, "Comma-separated targets (lfw_dev, cfp_fp, cfp_ff, synthetic, "
+    "bin:<path>); default: config.eval.targets.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint to evaluate (workdir, checkpoints folder or step "
+    "folder); default: the latest in --workdir.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def restore_encoder(config: Any, mesh: Any, path: str, step: Optional[int] = None,
+                    model: Any = None) -> tuple[Any, Any, int]:
+    """Loads only the encoder of a checkpoint (not the classifier, optimizer or queue).
+
+    Returns:
+      ``(encoder_params, batch_stats, step)``, replicated on ``mesh``.
+
+    Raises:
+      FileNotFoundError: ``path`` holds no checkpoint (or not ``step``).
+      checkpointing.CheckpointError: the checkpoint's encoder does not match
+        ``config.model`` / ``config.image_size`` (every differing leaf named).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from broadface_jax import checkpointing, sharding
+
+    folder, step = checkpointing.resolve(path, step)
+    if model is None:
+        from broadface_jax import models
+
+        model = models.build_encoder(config.model)
+    size = int(config.image_size)
+
+    def init(rng: jax.Array) -> Any:
+        return model.init({"params": rng, "dropout": rng},
+                          jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+
+    variables = jax.eval_shape(init, jax.random.PRNGKey(0))
+    part = {"params": {"encoder": variables["params"]},
+            "batch_stats": variables.get("batch_stats", {})}
+    replicated = sharding.replicated(mesh)
+    target = checkpointing.abstract_like(part, jax.tree.map(lambda _: replicated, part))
+    loaded = checkpointing.restore_partial(folder, target, step)
+    return loaded["params"]["encoder"], loaded["batch_stats"], step
+
+
+def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
+                        checkpoint: Optional[str] = None, model: Any = None
+                        ) -> tuple[int, dict[str, dict[str, float]]]:
+    """Restores the encoder, runs ``targets``, writes ``<workdir>/eval`` outputs.
+
+    Returns:
+      ``(step, {target: metrics})``.
+    """
+    import jax
+
+    from broadface_jax import evaluation, sharding, train
+
+    if not targets:
+        raise ValueError("no evaluation targets: pass --targets or set config.eval.targets")
+    mesh = sharding.make_mesh(config.mesh)
+    params, batch_stats, step = restore_encoder(config, mesh, checkpoint or workdir,
+                                                model=model)
+    logging.info("evaluating step %d of %s on %s", step, checkpoint or workdir,
+                 ", ".join(targets))
+    embed_fn = train.make_uint8_embed_fn(config, mesh, model)(params, batch_stats)
+    out_dir = os.path.join(workdir, train.EVAL_SUBDIR)
+    os.makedirs(out_dir, exist_ok=True)
+    results = evaluation.run_targets(tuple(targets), embed_fn, config, out_dir=out_dir)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, f"results_{step}.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "checkpoint": checkpoint or workdir,
+                       "results": results}, f, indent=2, default=float)
+    return step, results
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from broadface_jax import checkpointing
+
+    checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # image decoding beside JAX
+    distributed.maybe_initialize()
+
+    from broadface_jax import evaluation
+
+    checkpointing.quiet_orbax_logging()
+    config = _CONFIG.value
+    targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
+    step, results = evaluate_checkpoint(config, _WORKDIR.value, targets, _CHECKPOINT.value)
+    print(f"\nVerification at step {step} ({_CHECKPOINT.value or _WORKDIR.value}):\n"
+          f"{evaluation.format_table(results)}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
