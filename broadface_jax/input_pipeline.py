@@ -17,8 +17,10 @@ Data. `config.dataset.name == 'tfds'` reads a data set prepared by
 `python -m broadface_jax.prepare` (ArrayRecord files, random access through
 `tfds` data sources, images fetched as JPEG bytes and decoded by tf.data);
 `'synthetic'` renders `broadface_jax.datasets.synthetic` identities.
-Decoding, flip and normalisation `(x / 255 - 0.5) / 0.5` run in tf.data with
-parallel maps; TensorFlow is hidden from GPUs.
+Batches are fetched (or rendered) by parallel tf.data maps over the step
+counter, then decoded, flipped and normalised `(x / 255 - 0.5) / 0.5` by
+parallel maps; order is kept (deterministic maps). TensorFlow is hidden from
+GPUs.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
-import itertools
 import pathlib
+import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -143,14 +145,17 @@ class IndexStream:
         self.n, self.b = int(num_examples), int(batch_size)
         self.seed, self.process = int(seed) & 0xFFFFFFFF, int(process_index)
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([_PERM_SALT, self.seed, self.process, epoch])
-            self._perms[epoch] = rng.permutation(self.n)
-        return self._perms[epoch]
+        """The shard's order in `epoch` (the last few are cached; thread-safe)."""
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) >= 4:
+                    self._perms.pop(min(self._perms))
+                rng = np.random.default_rng([_PERM_SALT, self.seed, self.process, epoch])
+                self._perms[epoch] = rng.permutation(self.n)
+            return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:
         pos = np.arange(step * self.b, (step + 1) * self.b, dtype=np.int64)
@@ -176,22 +181,28 @@ def _hide_gpus_from_tf(tf) -> None:
 
 
 def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int):
+    """steps -> (fetch records | render) in parallel -> decode, flip, normalise -> batches."""
     import tensorflow as tf
 
     b = stream.b
 
-    def batches() -> Iterator[tuple[Any, np.ndarray, np.ndarray, np.int64]]:
-        for step in itertools.count(start_step):
-            payload, labels = source.fetch(stream.indices(step))
-            yield payload, labels, stream.flips(step), np.int64(step)
+    def load(step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        step = int(step)
+        payload, labels = source.fetch(stream.indices(step))
+        if source.encoded:
+            payload = np.array(payload, dtype=object)
+        return payload, labels.astype(np.int64), stream.flips(step)
 
-    if source.encoded:
-        sig = (tf.TensorSpec([b], tf.string), tf.TensorSpec([b], tf.int64),
-               tf.TensorSpec([b], tf.bool), tf.TensorSpec([], tf.int64))
-    else:
-        sig = (tf.TensorSpec([b, image_size, image_size, 3], tf.uint8), tf.TensorSpec([b], tf.int64),
-               tf.TensorSpec([b], tf.bool), tf.TensorSpec([], tf.int64))
-    ds = tf.data.Dataset.from_generator(batches, output_signature=sig)
+    payload_type = tf.string if source.encoded else tf.uint8
+
+    def load_tf(step):
+        payload, labels, flips = tf.numpy_function(load, [step], [payload_type, tf.int64, tf.bool],
+                                                   stateful=False)
+        shape = [b] if source.encoded else [b, image_size, image_size, 3]
+        return tf.ensure_shape(payload, shape), tf.ensure_shape(labels, [b]), tf.ensure_shape(flips, [b])
+
+    ds = tf.data.Dataset.counter(start_step)
+    ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     if source.encoded:
         def decode(data, label, flip):
@@ -203,11 +214,11 @@ def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_
             image = tf.ensure_shape(image, [image_size, image_size, 3])
             return (image / 255.0 - 0.5) / 0.5, label
 
-        ds = ds.map(lambda p, l, f, s: (p, l, f)).unbatch()
+        ds = ds.unbatch()
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
     else:
-        def augment(images, labels, flips, step):
+        def augment(images, labels, flips):
             images = tf.cast(images, tf.float32)
             images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
             return (images / 255.0 - 0.5) / 0.5, labels

@@ -137,12 +137,36 @@ def _affine_cos(ax, ay, c, x, y) -> np.ndarray:
     return np.cos(b)[:, :, None] * np.cos(a)[:, None, :] - np.sin(b)[:, :, None] * np.sin(a)[:, None, :]
 
 
+@functools.lru_cache(maxsize=4)
+def _noise_bank(size: int) -> np.ndarray:
+    """A fixed bank of luminance noise fields f32[64, size, size] (generated once per size)."""
+    bank = np.random.default_rng([_WORLD_SEED, size]).standard_normal((64, size, size), dtype=np.float32)
+    bank.setflags(write=False)
+    return bank
+
+
+def _window(cx, cy, radius, geo, size: int) -> tuple[int, int, int, int]:
+    """Pixel rows/cols [r0, r1) x [c0, c1) that cover a canonical disc in every image of the batch."""
+    cos, sin, k, tx, ty = geo
+    x = tx + (cos * cx - sin * cy) / k
+    y = ty + (sin * cx + cos * cy) / k
+    r = radius / k
+
+    def to_px(z):
+        return (z + 1.0) * (size / 2.0) - 0.5
+
+    c0, c1 = int(np.floor(to_px((x - r).min()))), int(np.ceil(to_px((x + r).max()))) + 1
+    r0, r1 = int(np.floor(to_px((y - r).min()))), int(np.ceil(to_px((y + r).max()))) + 1
+    return max(r0, 0), min(max(r1, 0), size), max(c0, 0), min(max(c1, 0), size)
+
+
 def render(ids: np.ndarray, sample_idx: np.ndarray, seed: int, size: int) -> np.ndarray:
     """Renders sample `sample_idx[k]` of identity `ids[k]` -> u8[N, size, size, 3].
 
-    Layers (background, hair, skin, skin texture, eyes, brows, nose, mouth)
-    are soft single-channel alphas composited front to back into weights; the
-    colour image is then one batched matmul of weights and layer colours.
+    Layers (mouth, nose, brows, eyes, hair, skin with texture, background)
+    are soft single-channel alphas composited front to back. Small features
+    are only evaluated inside a window that covers them in every image of the
+    batch (outside it their alpha is exactly 0).
     """
     ids = np.asarray(ids, np.int64).ravel()
     sample_idx = np.asarray(sample_idx, np.int64).ravel()
@@ -158,6 +182,7 @@ def render(ids: np.ndarray, sample_idx: np.ndarray, seed: int, size: int) -> np.
     cos, sin = np.cos(s["rot"]).astype(f32), np.sin(s["rot"]).astype(f32)
     k = (_FACE_ZOOM / s["scale"]).astype(f32)
     tx, ty = s["shift"][:, 0].astype(f32), s["shift"][:, 1].astype(f32)
+    geo = (cos, sin, k, tx, ty)
     # u = k (cos (x - tx) + sin (y - ty)), v = k (cos (y - ty) - sin (x - tx))
     ux, uy, vx, vy = k * cos, k * sin, -k * sin, k * cos
     uc, vc = -(ux * tx + uy * ty), -(vx * tx + vy * ty)
@@ -178,37 +203,49 @@ def render(ids: np.ndarray, sample_idx: np.ndarray, seed: int, size: int) -> np.
                            lin, lin)
     tex *= (q["tex_amp"] / 3.0)[:, None, None]
 
-    # (alpha, colour) from the top layer down; colour (N, 3).
-    layers: list[tuple[np.ndarray, np.ndarray]] = []
+    # Small features, top layer first: (alpha on its window, window, colour (N, 3)).
+    layers = []
+
+    def blob_layer(cx, cy, rx, ry, colour, gain=1.0, tilt=None):
+        radius = np.maximum(rx, ry) if tilt is None else np.hypot(rx, ry + np.abs(tilt) * rx)
+        r0, r1, c0, c1 = _window(cx, cy, radius, geo, size)
+        if r0 >= r1 or c0 >= c1:
+            return
+        uw, vw = u[:, r0:r1, c0:c1], v[:, r0:r1, c0:c1]
+        if tilt is not None:  # an eyebrow: a blob sheared along v
+            bu = uw - cx[:, None, None]
+            alpha = _blob(bu, vw + tilt[:, None, None] * bu, zeros, cy, rx, ry)
+        else:
+            alpha = _blob(uw, vw, cx, cy, rx, ry)
+        if gain != 1.0:
+            alpha = np.minimum(alpha * gain, 1.0)
+        layers.append((alpha, (r0, r1, c0, c1), colour))
+
     white = np.full((n, 3), 0.95, f32)
     black = np.zeros((n, 3), f32)
-    layers.append((_blob(u, v, zeros, q["mouth_y"], q["mouth_rx"], q["mouth_ry"]), q["lips"]))
-    layers.append((_blob(u, v, zeros, q["nose_y"] + q["nose_ry"] * 0.8, q["nose_rx"] * 0.9,
-                         q["nose_ry"] * 0.25) * 0.6, black + 0.12))
-    layers.append((0.35 * _blob(u, v, zeros, q["nose_y"], q["nose_rx"], q["nose_ry"]), black))
+    blob_layer(zeros, q["mouth_y"], q["mouth_rx"], q["mouth_ry"], q["lips"])
+    blob_layer(zeros, q["nose_y"] + q["nose_ry"] * 0.8, q["nose_rx"] * 0.9, q["nose_ry"] * 0.25,
+               black + 0.12, gain=0.6)
+    blob_layer(zeros, q["nose_y"], q["nose_rx"], q["nose_ry"], black, gain=0.35)
     for side in (-1.0, 1.0):
         ex = side * q["eye_x"]
-        bu = u - ex[:, None, None]
-        bv = v + (side * q["brow_tilt"])[:, None, None] * bu
-        brow = _blob(bu, bv, zeros, q["eye_y"] - q["brow_dy"], q["brow_rx"], q["brow_ry"])
-        layers.append((np.minimum(brow * 1.5, 1.0), q["hair"] * 0.9))
-        layers.append((_blob(u, v, ex, q["eye_y"], q["eye_ry"] * 1.1, q["eye_ry"] * 1.1), q["iris"]))
-        layers.append((_blob(u, v, ex, q["eye_y"], q["eye_rx"], q["eye_ry"]), white))
-    layers.append((hair, q["hair"]))
-    # The skin and its texture share the face alpha (colour skin * (1 + tex)).
-    nl = len(layers)
-    weights = np.empty((n, nl + 3, size, size), f32)
+        blob_layer(ex, q["eye_y"] - q["brow_dy"], q["brow_rx"], q["brow_ry"], q["hair"] * 0.9,
+                   gain=1.5, tilt=side * q["brow_tilt"])
+        blob_layer(ex, q["eye_y"], q["eye_ry"] * 1.1, q["eye_ry"] * 1.1, q["iris"])
+        blob_layer(ex, q["eye_y"], q["eye_rx"], q["eye_ry"], white)
+
+    img = np.zeros((n, size, size, 3), f32)
     remaining = np.ones_like(u)
-    for j, (alpha, _) in enumerate(layers):
-        np.multiply(alpha, remaining, out=weights[:, j])
-        remaining *= 1.0 - alpha
-    np.multiply(face, remaining, out=weights[:, nl])
-    np.multiply(weights[:, nl], tex, out=weights[:, nl + 1])
+    for alpha, (r0, r1, c0, c1), colour in layers:
+        rem = remaining[:, r0:r1, c0:c1]
+        img[:, r0:r1, c0:c1] += (alpha * rem)[..., None] * colour[:, None, None, :]
+        rem *= 1.0 - alpha
+    img += (hair * remaining)[..., None] * q["hair"][:, None, None, :]
+    remaining *= 1.0 - hair
+    # The skin: colour skin * (1 + tex) under the face alpha.
+    img += (face * remaining * (1.0 + tex))[..., None] * q["skin"][:, None, None, :]
     remaining *= 1.0 - face
-    weights[:, nl + 2] = remaining
-    colours = np.stack([c for _, c in layers] + [q["skin"], q["skin"], s["bg"].astype(f32)], axis=1)
-    img = np.matmul(weights.reshape(n, nl + 3, size * size).transpose(0, 2, 1),
-                    colours.astype(f32)).reshape(n, size, size, 3)
+    img += remaining[..., None] * s["bg"].astype(f32)[:, None, None, :]
 
     # Light: contrast around the mean, brightness, a linear gradient; noise.
     gd = s["grad_dir"].astype(f32)
@@ -217,12 +254,18 @@ def render(ids: np.ndarray, sample_idx: np.ndarray, seed: int, size: int) -> np.
     mean = img.mean(axis=(1, 2, 3))
     offset = (mean * (1.0 - contrast) + s["bright"].astype(f32))[:, None, None] \
         + gx[:, None, None] * xs + gy[:, None, None] * ys
+    # Pixel noise (luminance): a field of the fixed bank, picked, signed and
+    # possibly transposed per sample.
+    bank = _noise_bank(size)
+    for j in range(n):
+        code = int(s["noise_seed"][j])
+        field = bank[code % 64]
+        if (code >> 6) & 1:
+            field = field.T
+        sigma = f32(s["noise"][j]) * (f32(-1.0) if (code >> 7) & 1 else f32(1.0))
+        offset[j] += field * sigma
     img *= contrast[:, None, None, None]
     img += offset[..., None]
-    # Pixel noise (luminance), its own stream per sample.
-    for j in range(n):
-        noise_rng = np.random.default_rng(int(s["noise_seed"][j]))
-        img[j] += noise_rng.standard_normal((size, size, 1), dtype=f32) * f32(s["noise"][j])
     img *= 255.0
     img += 0.5
     np.clip(img, 0, 255, out=img)
