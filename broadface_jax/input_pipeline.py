@@ -8,8 +8,10 @@ Order. Each process reads its own contiguous shard of the split
 (`tfds.split_for_jax_process`). The stream of record indices is a
 concatenation of epochs, each a permutation of the shard drawn from
 `(config.seed, process index, epoch)`; batch k is positions
-`[k * B, (k + 1) * B)` of that stream and the flips of its images come from
-`(config.seed, process index, k)`. So batch k is a pure function of k:
+`[k * B, (k + 1) * B)` of that stream and the flips of its images (when
+`config.dataset.random_flip`) come from `(config.seed, process index, k)`.
+Epoch permutations are full shuffles, so `config.dataset.shuffle_buffer` is
+not used. So batch k is a pure function of k:
 `start_step=k` computes it directly (nothing is read and skipped), and a
 resumed run sees exactly the batches a run that never stopped would have seen.
 
@@ -180,7 +182,8 @@ def _hide_gpus_from_tf(tf) -> None:
         pass
 
 
-def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int):
+def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int,
+                   random_flip: bool):
     """steps -> (fetch records | render) in parallel -> decode, flip, normalise -> batches."""
     import tensorflow as tf
 
@@ -191,7 +194,8 @@ def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_
         payload, labels = source.fetch(stream.indices(step))
         if source.encoded:
             payload = np.array(payload, dtype=object)
-        return payload, labels.astype(np.int64), stream.flips(step)
+        flips = stream.flips(step) if random_flip else np.zeros(b, bool)
+        return payload, labels.astype(np.int64), flips
 
     payload_type = tf.string if source.encoded else tf.uint8
 
@@ -263,7 +267,8 @@ def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
     batch = int(config.per_device_batch_size) * jax.local_device_count()
     source = _make_source(config, process_index, process_count)
     stream = IndexStream(source.num_examples, batch, config.seed, process_index)
-    ds = _build_dataset(source, stream, start_step, int(config.image_size))
+    ds = _build_dataset(source, stream, start_step, int(config.image_size),
+                        bool(config.dataset.random_flip))
     return TrainIterator(ds, source, stream, start_step, int(config.num_classes), tf)
 
 

@@ -102,6 +102,11 @@ def test_synthetic_batches_match_reference_and_resume():
     for got, want in zip(resumed, batches[3:]):
         np.testing.assert_array_equal(got["image"], want["image"])
         np.testing.assert_array_equal(got["label"], want["label"])
+    c.dataset.random_flip = False
+    unflipped = next(ip.create_train_iterator(c))
+    images, _ = synthetic.training_examples(spec, stream.indices(0), c.seed)
+    np.testing.assert_allclose(unflipped["image"], _reference(images, np.zeros(b, bool)), atol=1e-6)
+    c.dataset.random_flip = True
     c.seed = 6
     other = next(ip.create_train_iterator(c))
     assert not np.array_equal(other["label"], batches[0]["label"]) or \
