@@ -306,3 +306,23 @@ def test_cfp_builder_on_a_fake_tree(tmp_path, shared_data):
         assert r["identity"].decode() == names[r["label"]].strip()
         ref = align.align_cfp_image(src, rel).astype(float)
         assert np.abs(_decode(r["image"]).astype(float) - ref).mean() < 3.0
+
+
+def test_prepare_function_and_summary(tmp_path):
+    from broadface_jax import prepare
+    raw = tmp_path / "faces"
+    rng = np.random.default_rng(5)
+    for name in ("x", "y"):
+        (raw / name).mkdir(parents=True)
+        Image.fromarray(_smooth_image(rng, 112, 112)).save(raw / name / "0.jpg")
+    builder = prepare.prepare("image_folder", str(raw), str(tmp_path / "data"))
+    text = prepare.summary(builder)
+    assert "split train: 2 examples" in text and "identities (num_classes): 2" in text
+    assert builder.info.file_format.value == "array_record"
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        prepare.prepare("image_folder", str(tmp_path / "missing_dir"), str(tmp_path / "data"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        prepare.prepare("lfw", str(tmp_path / "empty"), str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="only applies to --dataset lfw"):
+        prepare.prepare("cfp", str(raw), str(tmp_path / "data"), cfp_names_file="x.txt")
