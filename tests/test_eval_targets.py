@@ -131,10 +131,20 @@ def test_lfw_dev_end_to_end_and_disk_cache(shared_data, monkeypatch):
     def boom(*_):
         raise AssertionError("alignment ran although the cache exists")
 
+    original = align.lfw_center_crop
     monkeypatch.setattr(align, "lfw_center_crop", boom)
     again = evaluation.build_evaluator("lfw_dev", config).run(embed)
     assert again == metrics
     assert len(os.listdir(os.environ["BROADFACE_EVAL_CACHE"])) == 1
+
+    # A 32x32 model gets 32x32 crops of the same alignment (a separate cache entry).
+    monkeypatch.setattr(align, "lfw_center_crop", original)
+    config.image_size = 32
+    small = evaluation.build_evaluator("lfw_dev", config).data()
+    assert small.images.shape[1:] == (32, 32, 3)
+    np.testing.assert_array_equal(small.images[0], align.lfw_center_crop(
+        align.read_rgb(lfw / "images_deepfunneled" / pairs.unique_paths()[0][0]), size=32))
+    assert len(os.listdir(os.environ["BROADFACE_EVAL_CACHE"])) == 2
 
 
 def _cfp_subset(shared_data, dst, per_file=35):

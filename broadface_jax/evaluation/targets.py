@@ -3,12 +3,15 @@
 Targets (``config.eval.targets``):
 
 * ``lfw_dev``: LFW View 1 test pairs (``<data_root>/lfw/pairsDevTest.txt``,
-  500 + 500 pairs) on deep-funneled images, centre-cropped to 112x112 by
+  500 + 500 pairs) on deep-funneled images, centre-cropped by
   ``broadface_jax.align.lfw_center_crop``; 10 balanced folds (View 1 has no
   official folds; see :func:`protocols.read_lfw_pairs`).
 * ``cfp_fp`` / ``cfp_ff``: CFP frontal-profile / frontal-frontal, the
   official 10 folds of 350 + 350 pairs, images aligned with
   ``broadface_jax.align.load_cfp_aligned``.
+
+Face images are made at ``config.image_size`` (112 for the paper's models;
+a 32x32 demo model gets 32x32 crops of the same alignment).
 * ``synthetic``: pairs of held-out synthetic identities from
   ``broadface_jax.datasets.synthetic.verification_pairs(config, 600, seed)``.
 * ``bin:<path>``: an insightface ``.bin`` (read safely); a relative path is
@@ -180,10 +183,12 @@ def _lfw_loader(config: Any) -> Callable[[], PairData]:
         if not os.path.isdir(images_dir):
             raise FileNotFoundError(f"LFW images folder not found: {images_dir}")
 
-        def load_image(rel: str) -> np.ndarray:
-            return align.lfw_center_crop(align.read_rgb(os.path.join(images_dir, rel)))
+        size = int(config.image_size)
 
-        key = ["lfw_dev", _file_digest(pairs_path), images_dir, _module_digest("broadface_jax.align")]
+        def load_image(rel: str) -> np.ndarray:
+            return align.lfw_center_crop(align.read_rgb(os.path.join(images_dir, rel)), size=size)
+
+        key = ["lfw_dev", _file_digest(pairs_path), images_dir, str(size), _module_digest("broadface_jax.align")]
         return _cached(_cache_dir(config), "lfw_dev", key, lambda: _pairs_to_data(pairs, load_image))
 
     return load
@@ -198,12 +203,17 @@ def _cfp_loader(config: Any, protocol: str) -> Callable[[], PairData]:
 
         pairs = protocols.read_cfp_pairs(cfp_root, protocol)
         proto = os.path.join(cfp_root, "Protocol")
+        size = int(config.image_size)
         key = [f"cfp_{protocol}", _file_digest(os.path.join(proto, "Pair_list_F.txt")),
                _file_digest(os.path.join(proto, "Pair_list_P.txt")),
-               "\n".join(pairs.paths_a + pairs.paths_b), cfp_root,
+               "\n".join(pairs.paths_a + pairs.paths_b), cfp_root, str(size),
                _module_digest("broadface_jax.align")]
+
+        def load_image(rel: str) -> np.ndarray:
+            return np.asarray(align.load_cfp_aligned(cfp_root, rel, size=size))
+
         return _cached(_cache_dir(config), f"cfp_{protocol.lower()}", key,
-                       lambda: _pairs_to_data(pairs, lambda rel: np.asarray(align.load_cfp_aligned(cfp_root, rel))))
+                       lambda: _pairs_to_data(pairs, load_image))
 
     return load
 
