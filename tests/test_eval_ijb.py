@@ -112,3 +112,65 @@ def test_reader_errors_name_file_and_line(tmp_path):
     tf, uniq = ijb.image_to_template_features(feats, np.array([5, 5, 9]), np.array([1, 2, 1]))
     with pytest.raises(ValueError, match="template id 7"):
         ijb.template_pair_scores(tf, uniq, np.array([5]), np.array([7]))
+
+
+def test_run_ijb_from_folder_layout(tmp_path):
+    """meta/ + loose_crop/ -> align by 5 points -> flip-sum -> D1 pooling -> TAR, vs a direct path."""
+    from PIL import Image
+
+    from broadface_jax import align
+    from broadface_jax.evaluation import tar_far
+
+    rng = np.random.default_rng()
+    n_img, n_ids = 48, 4
+    identity = rng.integers(0, n_ids, n_img)
+    templates = 10 + identity * 3 + rng.integers(0, 3, n_img)  # 3 templates per identity
+    medias = rng.integers(0, 3, n_img)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "loose_crop").mkdir()
+    faces = rng.integers(0, 256, (n_ids, 12, 10, 3)).astype(np.uint8)  # one 'face' per identity
+    names, lmks, scores = [], [], rng.uniform(0.5, 1.0, n_img)
+    for i in range(n_img):
+        h, w = rng.integers(90, 140, 2)
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        x0, y0 = rng.integers(5, 20, 2)
+        scale = rng.uniform(5.0, 6.0)
+        face = np.asarray(Image.fromarray(faces[identity[i]]).resize((int(10 * scale), int(12 * scale))))
+        img[y0:y0 + face.shape[0], x0:x0 + face.shape[1]] = face
+        pts = (align.ARCFACE_TEMPLATE / 112.0 * [face.shape[1], face.shape[0]]) + [x0, y0]
+        names.append(f"{i}.png")
+        lmks.append(pts)
+        Image.fromarray(img).save(tmp_path / "loose_crop" / names[-1])
+    with open(tmp_path / "meta" / "ijbc_face_tid_mid.txt", "w") as f:
+        f.writelines(f"{n} {t} {m}\n" for n, t, m in zip(names, templates, medias))
+    with open(tmp_path / "meta" / "ijbc_name_5pts_score.txt", "w") as f:
+        f.writelines(n + " " + " ".join(f"{v:.3f}" for v in p.ravel()) + f" {s:.4f}\n"
+                     for n, p, s in zip(names, lmks, scores))
+    uniq_t = np.unique(templates)
+    t1, t2 = np.meshgrid(uniq_t, uniq_t)
+    keep = t1 < t2
+    t1, t2 = t1[keep], t2[keep]
+    labels = ((t1 - 10) // 3 == (t2 - 10) // 3).astype(int)
+    with open(tmp_path / "meta" / "ijbc_template_pair_label.txt", "w") as f:
+        f.writelines(f"{a} {b} {c}\n" for a, b, c in zip(t1, t2, labels))
+
+    proj = rng.normal(size=(14 * 14 * 3, 16))
+
+    def embed(x):
+        pooled = x.astype(np.float64).reshape(len(x), 14, 8, 14, 8, 3).mean(axis=(2, 4)) / 255.0 - 0.5
+        return (pooled.reshape(len(x), -1) @ proj).astype(np.float32)
+
+    fars = (1e-2, 1e-1)
+    got = ijb.run_ijb(embed, tmp_path, "IJBC", batch_size=5, fars=fars)
+    # Direct path: align every image here, flip-sum, weight by the file's score, insightface pooling.
+    lmk_read = np.array([[float(f"{v:.3f}") for v in p.ravel()] for p in lmks])  # as written to the file
+    aligned = np.stack([align.warp_to_template(np.asarray(Image.open(tmp_path / "loose_crop" / n).convert("RGB")),
+                                               lmk_read[i].reshape(5, 2)) for i, n in enumerate(names)])
+    feats = embed(aligned) + embed(np.ascontiguousarray(aligned[:, :, ::-1]))
+    score_read = np.array([float(f"{s:.4f}") for s in scores], np.float32)
+    ref_feats, ref_uniq = _ref_template_features(feats.astype(np.float64) * score_read[:, None], templates, medias)
+    pos = {t: i for i, t in enumerate(ref_uniq)}
+    ref_scores = np.array([ref_feats[pos[a]] @ ref_feats[pos[b]] for a, b in zip(t1, t2)])
+    ref = tar_far.tar_at_far(ref_scores, labels, fars)
+    assert got == {f"tar@far={tar_far.format_far(f)}": ref[f] for f in fars}
+    assert got["tar@far=1e-1"] > 0.5  # the planted identity faces are found

@@ -23,6 +23,12 @@ Metadata formats (``<root>/meta/``, ``ijbc_`` or ``ijbb_`` prefix):
   * ``*_face_tid_mid.txt``: ``image_name template_id media_id``
   * ``*_template_pair_label.txt``: ``template_id_1 template_id_2 label``
   * ``*_name_5pts_score.txt``: ``image_name x1 y1 ... x5 y5 face_score``
+
+:func:`run_ijb` does it all from insightface's IJB folder layout
+(``<root>/meta/`` and ``<root>/loose_crop/``), aligning each loose crop by its
+5 points with ``broadface_jax.align.warp_to_template`` (the ArcFace template,
+as eval_ijbc.py's ``Embedding.get``) and streaming images through the embed
+function batch by batch (469k aligned faces would not fit in memory).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from broadface_jax.evaluation import tar_far
-from broadface_jax.evaluation.common import l2_normalize
+from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
 
 
 def _read_columns(path: str | os.PathLike, ncols: int, what: str) -> list[list[str]]:
@@ -218,3 +224,52 @@ def evaluate_ijb(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarra
     else:
         raise ValueError(f"rule must be 'max_tpr' or 'insightface', got {rule!r}")
     return {f"tar@far={tar_far.format_far(f)}": v for f, v in tars.items()}
+
+
+def embed_aligned_images(embed_fn: EmbedFn, image_dir: str | os.PathLike, names: Sequence[str],
+                         landmarks: np.ndarray, batch_size: int, flip: bool = True,
+                         size: int = 112) -> np.ndarray:
+    """Per-image features f32[N, D] (flip-summed when ``flip``) of IJB loose crops, streamed.
+
+    Each image ``image_dir/name`` is aligned by its 5 points (``landmarks``
+    f[N, 5, 2], loose-crop pixel coordinates) to ``size`` x ``size``; only
+    ``batch_size`` aligned faces are held at a time.
+    """
+    from broadface_jax import align
+
+    landmarks = np.asarray(landmarks)
+    if landmarks.shape != (len(names), 5, 2):
+        raise ValueError(f"landmarks {landmarks.shape} must be [{len(names)}, 5, 2]")
+    feats: np.ndarray | None = None
+    for start in range(0, len(names), batch_size):
+        stop = min(start + batch_size, len(names))
+        batch = np.stack([
+            align.warp_to_template(align.read_rgb(os.path.join(image_dir, names[i])), landmarks[i], size)
+            for i in range(start, stop)])
+        out, _ = embed_images(embed_fn, batch, batch_size, flip=flip)
+        if feats is None:
+            feats = np.empty((len(names), out.shape[1]), np.float32)
+        feats[start:stop] = out
+    assert feats is not None
+    return feats
+
+
+def run_ijb(embed_fn: EmbedFn, root: str | os.PathLike, target: str = "IJBC", batch_size: int = 256,
+            flip: bool = True, normalize_images: bool = False, use_face_scores: bool = True,
+            fars: Sequence[float] = tar_far.DEFAULT_FARS, rule: str = "max_tpr") -> dict[str, float]:
+    """IJB-B / IJB-C 1:1 from insightface's folder layout (module docstring); defaults F2 / N1 / D1."""
+    target = target.upper()
+    if target not in ("IJBB", "IJBC"):
+        raise ValueError(f"target must be 'IJBB' or 'IJBC', got {target!r}")
+    meta = os.path.join(os.fspath(root), "meta")
+    prefix = os.path.join(meta, target.lower())
+    names, templates, medias = read_template_media(f"{prefix}_face_tid_mid.txt")
+    t1, t2, labels = read_template_pairs(f"{prefix}_template_pair_label.txt")
+    lmk_names, landmarks, face_scores = read_landmarks_scores(f"{prefix}_name_5pts_score.txt")
+    if lmk_names != names:
+        raise ValueError(f"{prefix}_name_5pts_score.txt and {prefix}_face_tid_mid.txt list different images "
+                         f"(or in a different order)")
+    feats = embed_aligned_images(embed_fn, os.path.join(os.fspath(root), "loose_crop"), names, landmarks,
+                                 batch_size, flip)
+    return evaluate_ijb(feats, templates, medias, t1, t2, labels,
+                        face_scores if use_face_scores else None, normalize_images, fars, rule)
