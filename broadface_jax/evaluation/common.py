@@ -58,8 +58,9 @@ def embed_images(embed_fn: EmbedFn, images: np.ndarray, batch_size: int,
 
     features: ``e(x) + e(x[:, :, ::-1])`` when ``flip`` (insightface's
     "Accuracy-Flip"), else ``e(x)``; not normalised.
-    xnorm: mean L2 norm of the plain (unflipped) embeddings, the "XNorm"
-    insightface logs next to the accuracy.
+    xnorm: mean L2 norm of all the embeddings computed (plain and, with
+    ``flip``, flipped), the "XNorm" insightface's ``verification.test`` logs
+    next to the accuracy.
 
     Every call to ``embed_fn`` gets exactly ``batch_size`` images: the last
     batch is padded with copies of its last image and the padding is dropped.
@@ -79,10 +80,11 @@ def embed_images(embed_fn: EmbedFn, images: np.ndarray, batch_size: int,
         plain = _call_embed(embed_fn, batch, start)[:count]
         norm_sum += float(np.sum(np.linalg.norm(plain.astype(np.float64), axis=1)))
         if flip:
-            flipped = _call_embed(embed_fn, np.ascontiguousarray(batch[:, :, ::-1, :]), start)
-            plain = plain + flipped[:count]
+            flipped = _call_embed(embed_fn, np.ascontiguousarray(batch[:, :, ::-1, :]), start)[:count]
+            norm_sum += float(np.sum(np.linalg.norm(flipped.astype(np.float64), axis=1)))
+            plain = plain + flipped
         if feats is None:
             feats = np.empty((n, plain.shape[1]), np.float32)
         feats[start:start + count] = plain
     assert feats is not None
-    return feats, norm_sum / n
+    return feats, norm_sum / (2 * n if flip else n)
