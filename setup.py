@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.17",
         "pillow>=10.0",
         "scikit-learn>=1.4",
+        "scipy>=1.10",  # evaluation: sparse template pooling (IJB); already a scikit-learn dependency
         "matplotlib>=3.8",
     ],
     extras_require={
