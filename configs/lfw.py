@@ -12,7 +12,7 @@ deep-funneled images). Prepare it once (about a minute), then train:
 Evaluation: LFW View 1 test pairs (``lfw_dev``, people disjoint from
 training) and CFP frontal-profile (``cfp_fp``), read from
 ``config.eval.data_root`` (``../shared/data``). A small IResNet-18 (width
-0.125) trained from scratch for a few hundred steps on 6k images: a short
+0.125) trained from scratch for a few hundred steps on 5,358 images: a short
 run that finishes on a CPU, far from the paper's numbers (which need
 MS1MV2-scale data and IResNet-100).
 
@@ -51,14 +51,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.data_dir = "runs/tfds"
     c.num_classes = 1093  # printed by broadface_jax.prepare (metadata num_classes)
     c.image_size = 112
-    c.per_device_batch_size = 64
-    c.queue.size_per_device = 512  # 8 batches
-    c.queue.chunk_size = 512
+    c.per_device_batch_size = 32
+    c.queue.size_per_device = 256  # 8 batches
+    c.queue.chunk_size = 256
 
-    c.total_steps = 400
+    c.total_steps = 300
     c.lr = 0.1
-    c.lr_boundaries = (300, 360)
-    c.warmup_steps = 40
+    c.lr_boundaries = (220, 270)
+    c.warmup_steps = 30
 
     c.log_every_steps = 20
     c.checkpoint_every_steps = 100
