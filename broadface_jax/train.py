@@ -21,6 +21,13 @@ over the interval and written to absl logging (one progress line),
 (``workdir/tensorboard``, process 0 only). Checkpoints every
 ``checkpoint_every_steps`` and at the end; evaluation every
 ``eval_every_steps`` and at the end, through ``evaluation.run_targets``.
+
+metrics.jsonl is only ever appended to: after a resume, the steps between
+the last checkpoint and the interruption are logged again (with the same
+values, the run being deterministic); readers keep the last record per step.
+Parameters and batch statistics are checked for NaN/inf before every
+checkpoint as well, so a finite loss over a diverged update cannot slip a bad
+state onto disk.
 """
 
 from __future__ import annotations

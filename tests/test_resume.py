@@ -11,7 +11,6 @@ RNG) with an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
