@@ -89,5 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.data_root = "../shared/data"
     c.eval.bin_dir = ""  # folder with insightface .bin files (lfw.bin, agedb_30.bin, ...)
+    # decoded/aligned target images (.npz); "" = $BROADFACE_EVAL_CACHE or ~/.cache/broadface_jax/eval
+    c.eval.cache_dir = ""
 
     return c
