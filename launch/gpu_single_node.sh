@@ -144,6 +144,7 @@ for ((i = 0; i < NUM; i++)); do
   if [[ $DRY_RUN == 1 ]]; then
     printf '%s > %s 2>&1 &\n' "$(bf_quote "${cmd[@]}")" "$(bf_quote "$log")"
   else
+    : >"$log" # create it now: the redirection below happens in the background job, after tail starts
     "${cmd[@]}" >"$log" 2>&1 &
     REMAINING+=($!)
   fi
