@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from broadface_jax import checkpointing, sharding, train_step
+from broadface_jax import checkpointing, elastic, sharding, train_step
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -201,9 +201,11 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
     if step is not None:
         target = checkpointing.abstract_like(state, shardings)
         del state  # free the fresh state before reading the checkpoint
-        state = checkpointing.restore(workdir, target, step)
+        # Another device count changes the queue's rows: elastic re-lays it out.
+        state, relayout = elastic.restore(workdir, target, step)
         return state, shardings, (
-            f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}")
+            f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
+            + (f" ({relayout})" if relayout else ""))
     if config.init_from:
         state = warm_start(state, shardings, str(config.init_from),
                            bool(config.init_classifier))
