@@ -21,9 +21,10 @@ W sharded over all 8 (`config.classifier_sharding='all'`), and
   PartialFC-style, so a device computes [8 x rows, C/8], as many elements as
   [rows, C]); the temp column holds these logits (and their softmax /
   gradient buffers), the W gradient and the gathered embeddings.
-* A third row per C shards W and divides the queue chunk by 8, so that the
-  gathered queue chunk has the replicated run's row count: the way to make
-  the queue logits shrink too.
+* With W sharded over n, the step divides the queue chunk by n
+  (`train_step.queue_chunk`), so the gathered queue chunk has the replicated
+  run's row count and the queue logits shrink by n too; the batch's own
+  logits ([n x batch, C/n] per device) do not.
 
     python benchmarks/bench_classifier_sharding.py [--classes 85742 360232 2000000]
         [--dim 512] [--batch 128] [--queue 8192] [--chunk 2048]
@@ -110,9 +111,10 @@ def measure(num_classes: int, dim: int, batch: int, queue: int, chunk: int, mode
     kernel_sh = shardings.params["classifier"]["kernel"]
     w_bytes = per_device_bytes([kernel], [kernel_sh])
     shards = sharding.classifier_shards(mesh, mode)
-    rows = (batch + min(chunk or queue, queue)) * shards  # gathered over the class shards
+    q_chunk = train_step.queue_chunk(config, mesh)
+    rows = (batch + min(q_chunk or queue, queue)) * shards  # gathered over the class shards
     return dict(
-        C=num_classes, mode=mode, chunk=chunk, c_pad=kernel.shape[0],
+        C=num_classes, mode=mode, chunk=q_chunk, c_pad=kernel.shape[0],
         w_opt=2 * w_bytes,  # W + SGD momentum (same shape and sharding)
         logits=rows * (kernel.shape[0] // shards) * 4,
         args=mem.argument_size_in_bytes, out=mem.output_size_in_bytes,
@@ -145,9 +147,9 @@ def main(argv=None) -> None:
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     rows = []
     for c in args.classes:
-        for mode, chunk in (("replicated", args.chunk), ("all", args.chunk),
-                            ("all", args.chunk // 8)):
-            r = measure(c, args.dim, args.batch, args.queue, chunk, mode)
+        for mode in ("replicated", "all"):
+            r = measure(c, args.dim, args.batch, args.queue, args.chunk, mode)
+            chunk = r["chunk"]
             rows.append(r)
             print(f"| {c:>9,} | {('sharded/8' if mode == 'all' else 'replicated'):>10} | "
                   f"{chunk:>5} | {r['w_opt'] / MiB:>10.1f} | {r['logits'] / MiB:>8.1f} | "

@@ -157,8 +157,9 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
 
     Returns:
       (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
-      over valid rows of cos(W⁻, W_y) (classifier drift), and the count of
-      valid rows (float32). Only loss_sum carries a gradient.
+      over valid rows of cos(W⁻, W_y) (classifier drift, from the same chunked
+      gather of W_y as the compensation), and the count of valid rows
+      (float32). Only loss_sum carries a gradient.
     """
     s, ql = queue.num_shards, queue.shard_capacity
     chunk = min(int(chunk_size), ql) if chunk_size else ql
@@ -179,10 +180,12 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
     kernel_const = jax.lax.stop_gradient(kernel)
 
     def prepare(rows):
-        """Compensated embeddings (data), labels and mask of one chunk."""
+        """Compensated embeddings (data), labels, mask and summed drift of one chunk."""
         emb, w_old, lab, val = (r.reshape((-1,) + r.shape[2:]) for r in rows)
-        e = compensate(emb, w_old, jnp.take(kernel_const, lab, axis=0)) if compensate_embeddings else emb
-        return e, lab, val
+        w_cur = jnp.take(kernel_const, lab, axis=0)  # W_y (a cross-shard gather if W is sharded)
+        e = compensate(emb, w_old, w_cur) if compensate_embeddings else emb
+        drift = jnp.sum(losses.l2_normalize(w_old) * losses.l2_normalize(w_cur), axis=-1)
+        return e, lab, val, jnp.sum(jnp.where(val, drift, 0.0))
 
     def chunk_loss(kn, e, lab, val):
         per_row = losses.margin_cross_entropy(e, kn, lab, margin, num_classes)
@@ -190,35 +193,36 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
 
     def scan_all(kn):
         def body(carry, rows_i):
-            loss_sum, grad = carry
-            loss_i, grad_i = jax.value_and_grad(chunk_loss)(kn, *prepare(rows_i))
-            return (loss_sum + loss_i, grad + grad_i), None
+            loss_sum, drift_sum, grad = carry
+            e, lab, val, drift = prepare(rows_i)
+            loss_i, grad_i = jax.value_and_grad(chunk_loss)(kn, e, lab, val)
+            return (loss_sum + loss_i, drift_sum + drift, grad + grad_i), None
 
-        zero = (jnp.zeros((), jnp.float32), jnp.zeros_like(kn))
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros_like(kn))
         if chunk == ql:
             out, _ = body(zero, tuple(r[0] for r in rows))
         else:
             out, _ = jax.lax.scan(body, zero, rows)
         return out
 
+    # (loss, drift) with the gradient of the loss computed in the forward pass;
+    # drift is a statistic (its cotangent is ignored).
     @jax.custom_vjp
-    def loss_of(kn):
-        return scan_all(kn)[0]
+    def loss_and_drift(kn):
+        loss_sum, drift_sum, _ = scan_all(kn)
+        return loss_sum, drift_sum
 
-    def loss_fwd(kn):
-        loss_sum, grad = scan_all(kn)
-        return loss_sum, grad
+    def fwd(kn):
+        loss_sum, drift_sum, grad = scan_all(kn)
+        return (loss_sum, drift_sum), grad
 
-    def loss_bwd(grad, ct):
-        return (grad * ct,)
+    def bwd(grad, cts):
+        return (grad * cts[0],)
 
-    loss_of.defvjp(loss_fwd, loss_bwd)
+    loss_and_drift.defvjp(fwd, bwd)
 
-    loss_sum = loss_of(kernel_normalized)
-    # Drift: [Q, D] work, no gradient, no [Q, C] logits: needs no chunking.
-    drift = jnp.sum(losses.l2_normalize(queue.weights)
-                    * losses.l2_normalize(jnp.take(kernel_const, queue.labels, axis=0)), axis=-1)
-    drift_sum = jnp.sum(jnp.where(queue.valid, drift, 0.0))
+    loss_sum, drift_sum = loss_and_drift(kernel_normalized)
+    drift_sum = jax.lax.stop_gradient(drift_sum)
     n_valid = jnp.sum(queue.valid.astype(jnp.float32))
     return loss_sum, drift_sum, n_valid
 

@@ -111,6 +111,19 @@ def _model(config: Any, model):
     return models.build_encoder(config.model)
 
 
+def queue_chunk(config: Any, mesh: Mesh) -> int:
+    """Queue rows per device per chunk of the queue loss.
+
+    With W split over n class shards, each device gathers its n-device group's
+    queue rows for a chunk and scores them against its C/n classes, so the
+    per-device logits are n x chunk x C/n. Dividing the configured chunk by n
+    keeps them at chunk_size x C / n: the logits shrink with the classifier.
+    """
+    chunk = int(config.queue.chunk_size)
+    n = sharding.classifier_shards(mesh, config.classifier_sharding)
+    return max(1, chunk // n) if chunk else 0
+
+
 def queue_capacity(config: Any, mesh: Mesh) -> int:
     return int(config.queue.size_per_device) * mesh.size
 
@@ -127,11 +140,11 @@ def validate_config(config: Any, mesh: Mesh) -> None:
         raise ValueError(
             f"config.queue.size_per_device={per_dev_q} must be a multiple of "
             f"config.per_device_batch_size={b} (the ring buffer writes whole batches)")
-    chunk = int(config.queue.chunk_size)
+    chunk = queue_chunk(config, mesh)
     if per_dev_q and chunk and per_dev_q % min(chunk, per_dev_q):
         raise ValueError(
-            f"config.queue.chunk_size={chunk} must divide config.queue.size_per_device="
-            f"{per_dev_q}")
+            f"config.queue.chunk_size={config.queue.chunk_size} (per classifier shard: "
+            f"{chunk}) must divide config.queue.size_per_device={per_dev_q}")
     if int(config.num_classes) < 2:
         raise ValueError(f"config.num_classes={config.num_classes} must be >= 2")
 
@@ -185,13 +198,14 @@ def state_shardings(abstract_state: TrainState, config: Any, mesh: Mesh) -> Trai
 
 # ------------------------------------------------------------------ step
 
-def build_train_step(config: Any, model=None) -> Callable[[TrainState, dict], tuple]:
-    """The pure (un-jitted) step function."""
+def build_train_step(config: Any, model=None, mesh: Mesh | None = None
+                     ) -> Callable[[TrainState, dict], tuple]:
+    """The pure (un-jitted) step function (`mesh` sets the queue chunk, see `queue_chunk`)."""
     model = _model(config, model)
     margin = losses.MarginConfig.from_config(config.loss)
     tx, schedule = make_optimizer(config)
     num_classes = int(config.num_classes)
-    chunk = int(config.queue.chunk_size)
+    chunk = queue_chunk(config, mesh) if mesh is not None else int(config.queue.chunk_size)
     use_comp = bool(config.queue.compensate)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -252,7 +266,7 @@ def build_train_step(config: Any, model=None) -> Callable[[TrainState, dict], tu
 def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None,
                     step_fn: Callable | None = None):
     """jax.jit of the step with explicit in/out shardings and a donated state."""
-    step_fn = step_fn or build_train_step(config, model)
+    step_fn = step_fn or build_train_step(config, model, mesh)
     batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),

@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.queue = ml_collections.ConfigDict()
     c.queue.size_per_device = 8192  # 0 disables BroadFace (plain ArcFace)
     c.queue.compensate = True
-    c.queue.chunk_size = 2048  # queue rows per chunk of the classifier loss (per device)
+    # queue rows per device per chunk of the classifier loss (0 = unchunked); peak
+    # memory follows it. With W split over n class shards it is divided by n.
+    c.queue.chunk_size = 2048
 
     # ---- data
     c.num_classes = 85742  # MS1MV2
