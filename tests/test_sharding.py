@@ -63,3 +63,16 @@ def test_mesh_errors_name_the_field():
         sharding.make_mesh(cfg.mesh)
     with pytest.raises(ValueError, match="classifier_sharding"):
         sharding.classifier_spec("rows")
+
+
+def test_queue_chunk_follows_the_class_shards():
+    """With W over n shards a device scores n gathered chunks: the chunk is divided by n."""
+    cfg = tiny_config(per_device_batch=128, queue=8192, chunk=2048)
+    mesh = sharding.make_mesh(cfg.mesh)
+    assert train_step.queue_chunk(cfg, mesh) == 2048
+    cfg.classifier_sharding = "all"
+    assert train_step.queue_chunk(cfg, mesh) == 256
+    cfg.mesh.data, cfg.mesh.model, cfg.classifier_sharding = 2, 4, "model"
+    assert train_step.queue_chunk(cfg, sharding.make_mesh(cfg.mesh)) == 512
+    cfg.queue.chunk_size = 0  # unchunked stays unchunked
+    assert train_step.queue_chunk(cfg, sharding.make_mesh(cfg.mesh)) == 0
