@@ -66,9 +66,15 @@ def quiet_orbax_logging() -> None:
 # ----------------------------------------------------------------- locations
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """Local paths made absolute (orbax refuses relative ones); gs:// etc. as given."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    """The folder that holds a run's numbered checkpoints."""
-    return os.fspath(epath.Path(workdir) / CHECKPOINT_SUBDIR)
+    """The folder that holds a run's numbered checkpoints (an absolute path)."""
+    return os.fspath(epath.Path(absolute(workdir)) / CHECKPOINT_SUBDIR)
 
 
 def _is_dir(path: str) -> bool:
@@ -104,10 +110,7 @@ def resolve(path: str | os.PathLike,
       FileNotFoundError: ``path`` does not exist or holds no checkpoint, or
         ``step`` is not among its checkpoints.
     """
-    path = os.fspath(path)
-    if "://" not in path:  # local path; gs:// and the like stay as given
-        path = os.path.abspath(path)
-    path = path.rstrip("/")
+    path = absolute(path).rstrip("/")
     if not _is_dir(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
     base = os.path.basename(path)

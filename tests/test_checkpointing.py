@@ -195,3 +195,18 @@ def test_partial_restore_and_shape_mismatch(tmp_path, mesh8):
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"params\.head\.w: missing from the checkpoint"):
         checkpointing.restore_partial(tmp_path, absent)
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, mesh8, monkeypatch):
+    """`make demo` passes --workdir runs/demo: orbax needs absolute paths, we make them."""
+    monkeypatch.chdir(tmp_path)
+    manager = checkpointing.create_manager("runs/rel", max_to_keep=1)
+    state, shardings = _make_state(5, mesh8)
+    checkpointing.save(manager, 5, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    ckdir = checkpointing.checkpoint_dir("runs/rel")
+    assert os.path.isabs(ckdir) and ckdir == str(tmp_path / "runs" / "rel" / "checkpoints")
+    assert checkpointing.latest_step("runs/rel") == 5
+    target = checkpointing.abstract_like(jax.eval_shape(lambda s: s, state), shardings)
+    _assert_trees_equal(checkpointing.restore("runs/rel", target), state)
