@@ -9,19 +9,15 @@ Variants (``--config configs/cosface.py:<variant>``):
   baseline   queue off: plain CosFace.
 """
 
-import importlib.util
 import pathlib
+import runpy
 
 import ml_collections
 
 
 def _default() -> ml_collections.ConfigDict:
     """configs/default.py, loaded by path (config files are not a package)."""
-    path = pathlib.Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("broadface_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
