@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from broadface_jax import losses, queue as queue_lib, sharding
+from tests.np_reference import np_compensate, np_margin_ce
 
 
 def test_compensation_matches_eq7_float64():
@@ -17,8 +18,7 @@ def test_compensation_matches_eq7_float64():
     e_old = rng.normal(size=(n, d)) * rng.uniform(0.5, 20, (n, 1))
     w_old = rng.normal(size=(n, d)) * 0.05
     w_cur = w_old + rng.normal(size=(n, d)) * 0.01
-    ref = e_old + (np.linalg.norm(e_old, axis=1, keepdims=True)
-                   / np.linalg.norm(w_old, axis=1, keepdims=True)) * (w_cur - w_old)
+    ref = np_compensate(e_old, w_old, w_cur)
     got = queue_lib.compensate(*(jnp.asarray(a, jnp.float32) for a in (e_old, w_old, w_cur)))
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
     # no drift of the classifier -> no change of the embedding
@@ -76,24 +76,11 @@ def _random_queue(rng, capacity, d, c, shards, valid_frac=0.7):
     )
 
 
-def np_queue_loss(q, kernel, s=64.0, m=0.5):
-    """float64: sum over valid rows of ArcFace loss of the compensated embedding."""
-    e = np.asarray(q.embeddings, np.float64)
-    w_old = np.asarray(q.weights, np.float64)
-    lab = np.asarray(q.labels)
-    w = np.asarray(kernel, np.float64)
-    e_star = e + (np.linalg.norm(e, axis=1, keepdims=True)
-                  / np.linalg.norm(w_old, axis=1, keepdims=True)) * (w[lab] - w_old)
-    en = e_star / np.linalg.norm(e_star, axis=1, keepdims=True)
-    wn = w / np.linalg.norm(w, axis=1, keepdims=True)
-    cos = en @ wn.T
-    rows = np.arange(len(lab))
-    th = np.arccos(np.clip(cos[rows, lab], -1, 1))
-    tgt = np.where(th + m > np.pi, cos[rows, lab] - np.sin(np.pi - m) * m, np.cos(th + m))
-    logits = s * cos
-    logits[rows, lab] = s * tgt
-    mx = logits.max(1, keepdims=True)
-    per = np.log(np.exp(logits - mx).sum(1)) + mx[:, 0] - s * tgt
+def np_queue_loss(q, kernel):
+    """float64: sum over valid rows of the ArcFace loss of the compensated embedding."""
+    e, w_old = np.asarray(q.embeddings, np.float64), np.asarray(q.weights, np.float64)
+    lab, w = np.asarray(q.labels), np.asarray(kernel, np.float64)
+    per = np_margin_ce(np_compensate(e, w_old, w[lab]), w, lab)
     return per[np.asarray(q.valid)].sum()
 
 

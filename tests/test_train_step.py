@@ -9,6 +9,7 @@ import pytest
 
 from broadface_jax import losses, sharding, train_step
 from configs import default
+from tests.np_reference import np_compensate, np_margin_ce
 from tests.tiny_encoder import TinyEncoder
 
 C, D, IMG = 11, 6, 8
@@ -88,27 +89,14 @@ def test_empty_queue_step_equals_plain_arcface_step():
         np.testing.assert_allclose(float(metrics["loss_encoder"]), float(loss), rtol=1e-6)
 
 
-def _np_eq9(W, emb, labels, q, s=64.0, m=0.5):
+def _np_eq9(W, emb, labels, q):
     """float64 Eq. 9 as a function of the classifier W; e* frozen at the current W."""
-    def per_sample(e, y, Wm):
-        en = e / np.linalg.norm(e, axis=1, keepdims=True)
-        wn = Wm / np.linalg.norm(Wm, axis=1, keepdims=True)
-        cos = en @ wn.T
-        r = np.arange(len(y))
-        th = np.arccos(np.clip(cos[r, y], -1, 1))
-        tgt = np.where(th + m > np.pi, cos[r, y] - np.sin(np.pi - m) * m, np.cos(th + m))
-        logits = s * cos
-        logits[r, y] = s * tgt
-        mx = logits.max(1, keepdims=True)
-        return np.log(np.exp(logits - mx).sum(1)) + mx[:, 0] - s * tgt
-
     valid = q["valid"]
     e_old, w_old, ql = q["embeddings"][valid], q["weights"][valid], q["labels"][valid]
-    e_star = e_old + (np.linalg.norm(e_old, axis=1, keepdims=True)
-                      / np.linalg.norm(w_old, axis=1, keepdims=True)) * (W[ql] - w_old)
+    e_star = np_compensate(e_old, w_old, W[ql])
 
     def loss(Wm):
-        total = per_sample(emb, labels, Wm).sum() + per_sample(e_star, ql, Wm).sum()
+        total = np_margin_ce(emb, Wm, labels).sum() + np_margin_ce(e_star, Wm, ql).sum()
         return total / (len(labels) + valid.sum())
 
     return loss
