@@ -5,6 +5,7 @@
     python -m broadface_jax.prepare --dataset lfw --manual_dir ../shared/data/lfw --data_dir data/tfds
     python -m broadface_jax.prepare --dataset cfp --manual_dir ../shared/data/cfp --data_dir data/tfds
     python -m broadface_jax.prepare --dataset image_folder --manual_dir /data/my_faces --data_dir data/tfds
+    python -m broadface_jax.prepare --dataset sop --manual_dir /data/Stanford_Online_Products --data_dir data/tfds
 
 Runs the builder's `download_and_prepare` (TFDS shows progress bars), writing
 ArrayRecord files, which the training pipeline reads by random access (exact
@@ -19,6 +20,12 @@ manual_dir per data set:
                    (CFP's list_name.txt: --cfp_names_file, default
                    <manual_dir>/../cfp/cfp-dataset/Data/list_name.txt)
   cfp              CFP's cfp-dataset folder (or its parent)
+  sop              Stanford_Online_Products/ (Ebay_train.txt, Ebay_test.txt, class folders)
+  inshop           In-Shop folder with list_eval_partition.txt and img/
+  cub200           CUB_200_2011/ (images.txt, image_class_labels.txt, images/)
+  cars196          folder with cars_annos.mat and car_ims/
+The retrieval sets keep their images at their own size (see
+broadface_jax/datasets/retrieval.py for the splits and labels).
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ def summary(builder) -> str:
     meta = builder.info.metadata or {}
     if "num_classes" in meta:
         lines.append(f"  identities (num_classes): {meta['num_classes']}")
+    if "classes_per_split" in meta:  # retrieval sets: classes of every split
+        lines.append("  classes per split: " + ", ".join(f"{k} {v}" for k, v in meta["classes_per_split"].items()))
     return "\n".join(lines)
 
 

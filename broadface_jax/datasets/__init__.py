@@ -1,4 +1,4 @@
-"""Face data sets: TFDS builders and the synthetic source.
+"""Face and image-retrieval data sets: TFDS builders and the synthetic source.
 
 | short name        | TFDS name          | builder                                   | splits              |
 | ----------------- | ------------------ | ----------------------------------------- | ------------------- |
@@ -6,6 +6,10 @@
 | `image_folder`    | `face_image_folder`| `image_folder.FaceImageFolder`            | train               |
 | `lfw`             | `lfw_aligned`      | `lfw.LfwAligned`                          | dev_train           |
 | `cfp`             | `cfp_aligned`      | `cfp.CfpAligned`                          | frontal, profile    |
+| `sop`             | `sop_retrieval`    | `retrieval.SopRetrieval`                  | train, test         |
+| `inshop`          | `inshop_retrieval` | `retrieval.InshopRetrieval`               | train, query, gallery |
+| `cub200`          | `cub200_retrieval` | `retrieval.Cub200Retrieval`               | train, test         |
+| `cars196`         | `cars196_retrieval`| `retrieval.Cars196Retrieval`              | train, test         |
 
 The TFDS names differ from the short names where TFDS already has a data set
 of that name (`lfw`). Every builder's `info.metadata['num_classes']` holds its
@@ -26,9 +30,18 @@ _BUILDERS = {
     "lfw_aligned": ("lfw", "LfwAligned"),
     "cfp": ("cfp", "CfpAligned"),
     "cfp_aligned": ("cfp", "CfpAligned"),
+    "sop": ("retrieval", "SopRetrieval"),
+    "sop_retrieval": ("retrieval", "SopRetrieval"),
+    "inshop": ("retrieval", "InshopRetrieval"),
+    "inshop_retrieval": ("retrieval", "InshopRetrieval"),
+    "cub200": ("retrieval", "Cub200Retrieval"),
+    "cub200_retrieval": ("retrieval", "Cub200Retrieval"),
+    "cars196": ("retrieval", "Cars196Retrieval"),
+    "cars196_retrieval": ("retrieval", "Cars196Retrieval"),
 }
-SHORT_NAMES = ("insightface_rec", "image_folder", "lfw", "cfp")
-DEFAULT_SPLITS = {"insightface_rec": "train", "image_folder": "train", "lfw": "dev_train", "cfp": "frontal"}
+SHORT_NAMES = ("insightface_rec", "image_folder", "lfw", "cfp", "sop", "inshop", "cub200", "cars196")
+DEFAULT_SPLITS = {"insightface_rec": "train", "image_folder": "train", "lfw": "dev_train", "cfp": "frontal",
+                  "sop": "train", "inshop": "train", "cub200": "train", "cars196": "train"}
 
 
 def is_known(name: str) -> bool:
@@ -39,7 +52,7 @@ def is_known(name: str) -> bool:
 def builder_class(name: str) -> Any:
     """The TFDS builder class for a short or TFDS name (imports its module)."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown face data set {name!r}; known: {', '.join(SHORT_NAMES)}")
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(SHORT_NAMES)}")
     module, cls = _BUILDERS[name]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
