@@ -147,6 +147,49 @@ def test_val_needs_both_classes_per_fold():
         verification.evaluate_embeddings(emb1, emb2, issame)
 
 
+def test_bin_folds_are_insightface_kfold_for_published_layouts():
+    # lfw.bin / agedb_30.bin: 6000 pairs in blocks of 300 same then 300 different;
+    # cfp_fp.bin: 7000 pairs in blocks of 350 + 350. KFold(10) in file order is kept.
+    for n, block in ((6000, 300), (7000, 350)):
+        issame = (np.arange(n) // block) % 2 == 0
+        np.testing.assert_array_equal(verification.bin_fold_ids(issame), verification.kfold_ids(n))
+    rng = np.random.default_rng()
+    issame = rng.permutation(np.arange(400) % 2 == 0)  # shuffled: every KFold fold has both kinds
+    np.testing.assert_array_equal(verification.bin_fold_ids(issame), verification.kfold_ids(400))
+
+
+@pytest.mark.parametrize("n_pairs, n_same, sort", [(10, 5, False), (10, 3, False), (7, 4, False),
+                                                   (100, 50, True), (23, 20, False)])
+def test_small_or_unbalanced_files_evaluate_on_balanced_folds(n_pairs, n_same, sort, caplog):
+    """10 pairs (KFold(10): one pair per fold), class-sorted lists: balanced folds, and VAL is computed."""
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    emb1, emb2, _ = _planted_pairs(rng, n_pairs)
+    issame = np.arange(n_pairs) < n_same
+    if not sort:
+        issame = rng.permutation(issame)
+    with caplog.at_level("WARNING"):
+        folds = verification.bin_fold_ids(issame, source="tiny.bin")
+    k = min(10, n_same, n_pairs - n_same)
+    assert sorted(np.unique(folds).tolist()) == list(range(k)), seed
+    for f in range(k):  # every held-out fold has both kinds
+        assert issame[folds == f].any() and (~issame[folds == f]).any(), (seed, f)
+    assert "tiny.bin" in caplog.text and f"using {k} balanced folds" in caplog.text
+    res = verification.evaluate_embeddings(emb1, emb2, issame, folds=folds)
+    acc, std, thr, val, fold_acc = _ref_protocol(emb1, emb2, issame, folds)
+    np.testing.assert_array_equal(res.fold_accuracy, fold_acc)
+    assert res.fold_accuracy.shape == (k,)
+    assert res.accuracy == pytest.approx(acc, abs=1e-12)
+    assert res.val == pytest.approx(val, abs=1e-12)
+    assert np.isfinite(res.val) and np.isfinite(res.far)
+
+
+def test_bin_folds_refuse_fewer_than_two_of_a_kind_naming_the_file():
+    for issame in ([True] + [False] * 9, [False] * 10, [True, True, False]):
+        with pytest.raises(ValueError, match=r"x/tiny\.bin: \d+ same and \d+ different pairs.*at least 2 of each"):
+            verification.bin_fold_ids(np.asarray(issame), source="x/tiny.bin")
+
+
 def test_embed_images_flip_sum_padding_and_xnorm():
     rng = np.random.default_rng()
     images = rng.integers(0, 256, (23, 8, 6, 3), dtype=np.uint8)

@@ -19,6 +19,17 @@ from the file is built:
 2. The unpickler (:class:`_BuiltinsOnlyUnpickler`) refuses every global in
    ``find_class`` and every persistent id (in case the scan were bypassed).
 
+One exception, because real files need it: Python 3 pickles ``bytes`` with
+protocol 0, 1 or 2 (``pickle.dump(..., protocol=2)``, as many re-saved
+``.bin`` files are) as a call, ``_codecs.encode(text, 'latin1')`` (and the
+empty ``bytes`` as ``__builtin__.bytes()``). These two globals
+(:data:`ADMITTED_GLOBALS`), in the protocol 0-2 ``GLOBAL`` form only, and
+``REDUCE`` after one of them, pass the scan. ``find_class`` does not import
+them: it returns this module's own :func:`_latin1_encode` / :func:`_empty_bytes`,
+which accept exactly the arguments Python writes (a ``str`` and ``'latin1'``;
+no arguments) and refuse anything else. Any other global, and a ``REDUCE``
+with no admitted global before it, is refused as before.
+
 The loaded object is then checked to have the expected structure.
 """
 
@@ -52,16 +63,63 @@ class BinFileError(ValueError):
     """A .bin file is malicious, corrupt, truncated or not in the expected layout."""
 
 
+def _latin1_encode(*args):
+    """Stands in for ``_codecs.encode`` when unpickling: ``str -> bytes``, Latin-1 only.
+
+    Python 3 pickles ``bytes`` at protocol <= 2 as ``_codecs.encode(str(b,
+    'latin1'), 'latin1')``; this accepts exactly that call and refuses any
+    other arguments (it is not the real ``_codecs.encode``).
+    """
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+        shown = ", ".join(type(a).__name__ if isinstance(a, str) and len(a) > 20 else repr(a)
+                          for a in args)
+        raise BinFileError(
+            f"refused to unpickle: _codecs.encode({shown}); only _codecs.encode(<str>, 'latin1'), "
+            f"how Python 3 pickles bytes at protocol 0-2, is admitted. Nothing from the file was run.")
+    return args[0].encode("latin1")
+
+
+def _empty_bytes(*args):
+    """Stands in for ``builtins.bytes`` when unpickling: only ``bytes()`` (how b'' is pickled)."""
+    if args:
+        raise BinFileError(
+            f"refused to unpickle: bytes() called with {len(args)} argument(s); only bytes() "
+            f"with none, how Python 3 pickles b'' at protocol 0-2, is admitted. Nothing from "
+            f"the file was run.")
+    return b""
+
+
+# The only globals a .bin may name (GLOBAL opcode argument "module name"), and
+# what the loader gives for them instead of importing anything.
+ADMITTED_GLOBALS = {
+    "_codecs encode": _latin1_encode,
+    "__builtin__ bytes": _empty_bytes,  # protocol 0-2 with fix_imports (the default)
+    "builtins bytes": _empty_bytes,  # protocol 0-2 with fix_imports=False
+}
+
+
 def check_opcodes(data: bytes, source: str) -> None:
-    """Refuses a pickle holding any opcode outside :data:`ALLOWED_OPCODES` (runs nothing)."""
+    """Refuses a pickle holding any opcode outside :data:`ALLOWED_OPCODES` (runs nothing).
+
+    Exceptions (module docstring): ``GLOBAL`` naming one of
+    :data:`ADMITTED_GLOBALS`, and ``REDUCE`` once such a global was seen.
+    """
+    admitted_seen = False
     try:
         for opcode, arg, pos in pickletools.genops(data):
+            if opcode.name == "GLOBAL" and arg in ADMITTED_GLOBALS:
+                admitted_seen = True
+                continue
+            if opcode.name == "REDUCE" and admitted_seen:
+                continue
             if opcode.name not in ALLOWED_OPCODES:
                 what = f" asking for {arg!r}" if arg is not None else ""
                 raise BinFileError(
                     f"{source}: refused to unpickle: opcode {opcode.name}{what} at byte {pos}; "
                     f"a verification .bin holds only bytes, lists and bools, and this opcode "
-                    f"can import modules or call functions. Nothing from the file was run.")
+                    f"can import modules or call functions (admitted: only the globals "
+                    f"{', '.join(sorted(ADMITTED_GLOBALS))}, as Python 3 writes bytes at "
+                    f"protocol 0-2). Nothing from the file was run.")
     except BinFileError:
         raise
     except Exception as e:  # ValueError from genops on truncated / garbage data
@@ -69,13 +127,27 @@ def check_opcodes(data: bytes, source: str) -> None:
 
 
 class _BuiltinsOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that refuses every global and every persistent id."""
+    """An unpickler that refuses every persistent id and every global but :data:`ADMITTED_GLOBALS`.
+
+    Those few are answered with this module's own functions; nothing is imported.
+    """
 
     def __init__(self, file: io.BufferedIOBase, source: str):
         super().__init__(file, encoding="bytes")
         self._source = source
 
     def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
+        own = ADMITTED_GLOBALS.get(f"{module} {name}")
+        if own is not None:
+            source = self._source
+
+            def guarded(*args):
+                try:
+                    return own(*args)
+                except BinFileError as e:
+                    raise BinFileError(f"{source}: {e}") from None
+
+            return guarded
         raise BinFileError(
             f"{self._source}: refused to unpickle: the file asks for the global "
             f"{module!r}.{name!r}; a verification .bin holds only bytes, lists and bools, "

@@ -24,7 +24,10 @@ Protocol (identical to insightface's ``evaluate`` / ``calculate_roc`` /
 Folds: insightface uses ``KFold(n_splits=10, shuffle=False)`` over the pairs
 in file order (:func:`kfold_ids`). Protocols with official folds (CFP, LFW
 View 2) pass their fold ids instead; for LFW View 2 files and insightface
-``.bin`` files the two coincide.
+``.bin`` files the two coincide. VAL @ FAR needs a same and a different pair
+in every held-out fold (and a different pair in the training folds); a
+``.bin`` too small or too unevenly ordered for KFold(10) to give that gets
+balanced folds instead (:func:`bin_fold_ids`, the rule and why).
 
 Counting is vectorised (``np.searchsorted`` on sorted distances) instead of
 insightface's loop over thresholds; the counts are the same integers.
@@ -33,6 +36,7 @@ insightface's loop over thresholds; the counts are the same integers.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import numpy as np
@@ -105,6 +109,56 @@ def balanced_fold_ids(issame: np.ndarray, nfolds: int = 10) -> np.ndarray:
                 f"cannot make {nfolds} folds with both kinds in each")
         folds[idx] = np.arange(idx.size) * nfolds // idx.size
     return folds
+
+
+def bin_fold_ids(issame: np.ndarray, nfolds: int = 10, source: str = "") -> np.ndarray:
+    """Folds for pairs in file order (a ``.bin``): insightface's KFold if it works, else balanced.
+
+    The rule:
+
+    1. KFold(``nfolds``) in file order (:func:`kfold_ids`), exactly as
+       insightface, when every fold it makes holds at least one same and one
+       different pair. The published files (lfw, cfp_fp, agedb_30, ...: blocks
+       of 300 or 350 same then different pairs) always get these folds, so
+       their numbers stay comparable with insightface's.
+    2. Otherwise (a small file such as 10 pairs, where KFold(10) gives one pair
+       per fold, or a file sorted by class), :func:`balanced_fold_ids` with
+       ``k = min(nfolds, #same, #different)`` folds: each fold holds a share of
+       both kinds, so VAL @ FAR has a threshold to train (different pairs in
+       the other folds) and a same and a different pair to test on. insightface
+       itself would divide by zero there (VAL / FAR of NaN, or a crash). A
+       warning says which folds were used; with fewer than 10 folds accuracy
+       and VAL are averaged over ``k`` folds, so they are noisier and not
+       comparable with 10-fold numbers.
+    3. Fewer than 2 same or 2 different pairs: no held-out fold can be paired
+       with a training set holding both kinds; :class:`ValueError` naming
+       ``source`` and the counts.
+    """
+    issame = np.asarray(issame, bool)
+    n_same, n_diff = int(np.sum(issame)), int(np.sum(~issame))
+    where = f"{source}: " if source else ""
+    if min(n_same, n_diff) < 2:
+        raise ValueError(
+            f"{where}{n_same} same and {n_diff} different pairs: the verification protocol needs at "
+            f"least 2 of each (cross-validation needs >= 2 folds, each holding a same and a "
+            f"different pair; folds are KFold({nfolds}) in file order, else balanced folds)")
+    if issame.shape[0] >= nfolds:
+        folds = kfold_ids(issame.shape[0], nfolds)
+        same_per_fold = np.bincount(folds, weights=issame, minlength=nfolds)
+        diff_per_fold = np.bincount(folds, weights=~issame, minlength=nfolds)
+        if np.all(same_per_fold > 0) and np.all(diff_per_fold > 0):
+            return folds
+        bad = int(np.flatnonzero((same_per_fold == 0) | (diff_per_fold == 0))[0])
+        why = (f"KFold({nfolds}) in file order leaves fold {bad} with "
+               f"{int(same_per_fold[bad])} same / {int(diff_per_fold[bad])} different pairs")
+    else:
+        why = f"{issame.shape[0]} pairs cannot make {nfolds} KFold folds"
+    k = min(nfolds, n_same, n_diff)
+    logging.warning("%s%s; using %d balanced folds instead (each holds same and different pairs; "
+                    "%d same, %d different in all). With fewer pairs or folds than the published "
+                    "files, accuracy and VAL are not comparable with insightface's 10-fold numbers.",
+                    where, why, k, n_same, n_diff)
+    return balanced_fold_ids(issame, k)
 
 
 def squared_distances(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
@@ -205,7 +259,8 @@ def evaluate_distances(dist: np.ndarray, issame: np.ndarray, folds: np.ndarray |
             raise ValueError(
                 f"fold {fold}: VAL@FAR needs different pairs in the training folds and both "
                 f"kinds in the held-out fold (train diff={tr_diff.size}, test same={te_same.size}, "
-                f"test diff={te_diff.size}); use balanced folds")
+                f"test diff={te_diff.size}); use balanced folds (balanced_fold_ids, or "
+                f"bin_fold_ids for pairs in file order)")
         far_train = _count_less(tr_diff, VAL_THRESHOLDS) / tr_diff.size
         threshold = threshold_at_far(far_train, VAL_THRESHOLDS, far_target)
         vals[k] = np.sum(te_same < threshold) / te_same.size
