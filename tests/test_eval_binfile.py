@@ -65,6 +65,18 @@ def _payloads(marker: str, evil_module: str) -> dict[str, bytes]:
     out["PERSID"] = b"P" + cmd.encode() + b"\n."
     # A legit-looking structure that hides one REDUCE among real images.
     out["hidden-in-list"] = pickle.dumps(([b"\xff\xd8jpeg", _Reduce(os.system, (cmd,))], [False]), protocol=4)
+    # The admitted _codecs.encode (protocol 2 bytes) does not open the door to other globals...
+    out["codecs-then-os.system/p2"] = pickle.dumps(
+        ([b"\xff\xd8jpeg", _Reduce(os.system, (cmd,))], [False]), protocol=2)
+    # ... nor to other functions of _codecs / codecs, or to other uses of the admitted ones.
+    out["_codecs.decode"] = b"c_codecs\ndecode\n(S'x'\nS'rot13'\ntR."
+    out["codecs.encode"] = b"ccodecs\nencode\n(Vx\nVlatin1\ntR."
+    out["_codecs.encode/rot13"] = b"c_codecs\nencode\n(Vx\nVrot13\ntR."
+    out["_codecs.encode/int"] = b"c_codecs\nencode\n(I7\nVlatin1\ntR."
+    out["bytes-with-args"] = b"c__builtin__\nbytes\n(I1000000000\ntR."
+    out["_codecs.encode/STACK_GLOBAL"] = b"\x80\x04\x8c\x07_codecs\x8c\x06encode\x93\x8c\x01x\x8c\x06latin1\x86R."
+    # REDUCE on a non-admitted callable source (no GLOBAL at all).
+    out["bare-REDUCE"] = b"\x80\x02N)R."
     return out
 
 
@@ -74,6 +86,9 @@ def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path, monkeypatch, l
     (tmp_path / f"{evil_module}.py").write_text(f"open({marker!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     binfile.read_bin(legit_bin[0])  # warm up lazy imports so the module snapshot is fair
+    warm = tmp_path / "warm_p0.bin"  # ... including the codec protocol 0's UNICODE opcode imports
+    warm.write_bytes(pickle.dumps(([b"a", b"b"], [True]), protocol=0))
+    binfile.load_bin_raw(warm)
     modules_before = set(sys.modules)
     for name, payload in _payloads(marker, evil_module).items():
         path = tmp_path / f"evil_{name.replace('/', '_')}.bin"
@@ -149,6 +164,102 @@ def test_reads_insightface_layout_highest_protocol(tmp_path):
     assert same.tolist() == issame_list
     expected = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in bins])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_reads_python3_protocol_0_1_2_bins(tmp_path):
+    """Python 3 pickles bytes at protocol <= 2 as _codecs.encode(str, 'latin1'): admitted, by the loader's own code."""
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    images = _images(rng, 6)
+    bins = [_jpeg(x) for x in images]
+    issame_list = [bool(s) for s in rng.integers(0, 2, 3)]
+    expected = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in bins])
+    for proto in (0, 1, 2):
+        path = tmp_path / f"p{proto}.bin"
+        with open(path, "wb") as f:  # a .bin re-saved by Python 3 with an old protocol
+            pickle.dump((bins, issame_list), f, protocol=proto)
+        globals_used = {arg for op, arg, _ in pickletools.genops(path.read_bytes()) if op.name == "GLOBAL"}
+        assert globals_used == {"_codecs encode"}, (proto, globals_used)
+        got, same = binfile.read_bin(path)
+        np.testing.assert_array_equal(got, expected, err_msg=f"protocol {proto}, seed {seed}")
+        assert same.tolist() == issame_list
+        raw, _ = binfile.load_bin_raw(path)
+        assert raw == bins  # the bytes, exactly
+    # fix_imports=False spells the same globals without the Python 2 names.
+    path = tmp_path / "nofix.bin"
+    path.write_bytes(pickle.dumps(([bins[0], bins[1]], [True]), protocol=2, fix_imports=False))
+    assert binfile.read_bin(path)[0].shape == (2, 112, 112, 3)
+
+
+def test_admitted_globals_are_the_loaders_own_functions(tmp_path):
+    import _codecs
+
+    unpickler = binfile._BuiltinsOnlyUnpickler(io.BytesIO(b""), "x.bin")
+    enc = unpickler.find_class("_codecs", "encode")
+    assert enc is not _codecs.encode and enc("\xff\x00a", "latin1") == b"\xff\x00a"
+    assert unpickler.find_class("__builtin__", "bytes")() == b""
+    for args in (("x", "rot13"), ("x",), (b"x", "latin1"), ("x", "latin1", "strict")):
+        with pytest.raises(binfile.BinFileError, match=r"x\.bin: refused.*_codecs\.encode"):
+            enc(*args)
+    with pytest.raises(binfile.BinFileError, match=r"x\.bin: refused.*bytes\(\)"):
+        unpickler.find_class("builtins", "bytes")(10**9)
+    for module, name in (("_codecs", "decode"), ("codecs", "encode"), ("builtins", "eval"),
+                         ("_codecs", "lookup"), ("__builtin__", "bytearray")):
+        with pytest.raises(binfile.BinFileError, match="refused"):
+            unpickler.find_class(module, name)
+    # An empty image (b'' at protocol 2 is __builtin__.bytes()) loads as bytes and fails as an image.
+    path = tmp_path / "empty.bin"
+    path.write_bytes(pickle.dumps(([b"", _jpeg(_images(np.random.default_rng(0), 1)[0])], [True]), protocol=2))
+    assert binfile.load_bin_raw(path)[0][0] == b""
+    with pytest.raises(binfile.BinFileError, match="image #0: not a decodable"):
+        binfile.read_bin(path)
+
+
+def test_ten_pair_bin_evaluates_on_balanced_folds(tmp_path, monkeypatch, caplog):
+    """A valid 10-pair .bin (KFold(10): one pair per fold) runs as a target, VAL@FAR included."""
+    from broadface_jax import evaluation
+    from broadface_jax.evaluation import targets, verification
+
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    issame = rng.permutation(np.arange(10) < 5)
+    images = _images(rng, 20, size=32)
+    images[1::2][issame] = images[0::2][issame]  # same pairs: the same image
+    path = tmp_path / "ten.bin"
+    binfile.write_bin(path, images, issame, image_format="png")
+    monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
+    targets._EVALUATORS.clear()
+    config = _eval_config(image_size=32)
+
+    def embed(x):  # a fixed random projection of the mean-pooled image
+        x = np.asarray(x, np.float64).reshape(x.shape[0], 8, 4, 8, 4, 3).mean(axis=(2, 4)) - 127.5
+        x = x.reshape(x.shape[0], -1)
+        return (x @ np.random.default_rng(1).normal(size=(x.shape[1], 16))).astype(np.float32)
+
+    try:
+        with caplog.at_level("WARNING"):
+            metrics = evaluation.run_targets([f"bin:{path}"], embed, config)[f"bin:{path}"]
+    finally:
+        targets._EVALUATORS.clear()
+    assert str(path) in caplog.text and "using 5 balanced folds" in caplog.text
+    feats = [(embed(images[i::2]) + embed(np.ascontiguousarray(images[i::2, :, ::-1]))).astype(np.float64)
+             for i in (0, 1)]  # flip-and-sum in float32, as the evaluator
+    ref = verification.evaluate_embeddings(*feats, issame, folds=verification.balanced_fold_ids(issame, 5))
+    assert metrics["accuracy"] == pytest.approx(ref.accuracy, abs=1e-12), seed
+    assert metrics["val@far=1e-3"] == pytest.approx(ref.val, abs=1e-12), seed
+    assert metrics["accuracy"] == 1.0  # identical images are the closest pairs
+
+
+def _eval_config(image_size):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cfg_default_binfile", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.eval.data_root, c.eval.bin_dir, c.eval.batch_size, c.image_size = "", "", 8, image_size
+    return c
 
 
 def _py2_pickle(bins, issame):

@@ -16,7 +16,9 @@ a 32x32 demo model gets 32x32 crops of the same alignment).
   ``broadface_jax.datasets.synthetic.verification_pairs(config, 600, seed)``.
 * ``bin:<path>``: an insightface ``.bin`` (read safely); a relative path is
   looked up in ``config.eval.bin_dir`` too, and ``.bin`` may be left out
-  (``bin:agedb_30``). Folds: insightface's KFold(10) in file order.
+  (``bin:agedb_30``). Folds: insightface's KFold(10) in file order, or
+  balanced folds where that leaves a fold without a same or a different pair
+  (small or class-sorted files; :func:`verification.bin_fold_ids`).
 
 All run the pair protocol of :mod:`verification` with flip-and-sum and
 report accuracy ± std, the chosen threshold, VAL @ FAR = 1e-3 and XNorm.
@@ -255,11 +257,13 @@ def _bin_loader(config: Any, path: str) -> Callable[[], PairData]:
             images, issame = binfile.read_bin(file, (size, size))
             n = issame.shape[0]
             return PairData(images, 2 * np.arange(n), 2 * np.arange(n) + 1, issame,
-                            verification.kfold_ids(n))
+                            np.zeros(n, np.int64))  # folds: set below on every load
 
         st = os.stat(file)
         key = ["bin", file, str(st.st_size), str(st.st_mtime_ns), str(size)]
-        return _cached(_cache_dir(config), "bin_" + os.path.basename(file), key, build)
+        data = _cached(_cache_dir(config), "bin_" + os.path.basename(file), key, build)
+        # Folds are re-derived on every load (cheap), so a cache entry never holds an old rule's.
+        return dataclasses.replace(data, folds=verification.bin_fold_ids(data.issame, source=file))
 
     return load
 
