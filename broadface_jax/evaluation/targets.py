@@ -6,6 +6,13 @@ Targets (``config.eval.targets``):
   500 + 500 pairs) on deep-funneled images, centre-cropped by
   ``broadface_jax.align.lfw_center_crop``; 10 balanced folds (View 1 has no
   official folds; see :func:`protocols.read_lfw_pairs`).
+* ``lfw_people_test``: every pair of faces of LFW View 1's
+  ``peopleDevTest.txt`` people (disjoint from ``peopleDevTrain``; at most
+  ``LFW_PEOPLE_TEST_MAX_IMAGES`` = 10 images per person, the first ones, so
+  that a few people with a hundred photos do not make most of the genuine
+  pairs): 3,118 faces of 1,711 people, same crops as ``lfw_dev``; TAR @ FAR
+  = 1e-2, 1e-3, 1e-4 (:func:`tar_far.tar_at_far` on cosine scores of the
+  flip-and-sum embeddings). No folds, no threshold training.
 * ``cfp_fp`` / ``cfp_ff``: CFP frontal-profile / frontal-frontal, the
   official 10 folds of 350 + 350 pairs, images aligned with
   ``broadface_jax.align.load_cfp_aligned``.
@@ -48,7 +55,9 @@ from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
 
 SYNTHETIC_NUM_PAIRS = 600
 SYNTHETIC_SEED_OFFSET = 7919  # synthetic eval pairs use config.seed + this
-TARGET_NAMES = ("lfw_dev", "cfp_fp", "cfp_ff", "synthetic", "bin:<path>")
+TARGET_NAMES = ("lfw_dev", "lfw_people_test", "cfp_fp", "cfp_ff", "synthetic", "bin:<path>")
+LFW_PEOPLE_TEST_MAX_IMAGES = 10  # lfw_people_test: first images per person
+LFW_PEOPLE_TEST_FARS = (1e-2, 1e-3, 1e-4)
 
 
 class Evaluator(Protocol):
@@ -122,7 +131,7 @@ def _file_digest(path: str) -> bytes:
 
 
 def _cached(cache_dir: str | None, name: str, key_parts: list[bytes | str],
-            build: Callable[[], PairData]) -> PairData:
+            build: Callable[[], Any], cls: type = PairData) -> Any:
     """Loads ``build()``'s result from an .npz keyed by ``key_parts`` or builds and stores it."""
     if cache_dir is None:
         return build()
@@ -134,7 +143,7 @@ def _cached(cache_dir: str | None, name: str, key_parts: list[bytes | str],
     if os.path.isfile(path):
         try:
             with np.load(path, allow_pickle=False) as z:
-                return PairData(**{f.name: z[f.name] for f in dataclasses.fields(PairData)})
+                return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
         except Exception as e:  # a partial / corrupt cache file: rebuild it
             logging.warning("ignoring unreadable evaluation cache %s (%s)", path, e)
     data = build()
@@ -195,6 +204,92 @@ def _lfw_loader(config: Any) -> Callable[[], PairData]:
 
     return load
 
+
+@dataclasses.dataclass(frozen=True)
+class LabelledFaces:
+    """Faces with identity labels, for all-pairs verification."""
+
+    images: np.ndarray  # u8[M, H, W, 3]
+    labels: np.ndarray  # int[M]
+
+
+def all_pairs_scores(feats: np.ndarray, labels: np.ndarray, block: int = 1024
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores of every unordered pair i < j: (genuine f32[P], impostor f32[N]).
+
+    ``feats`` are L2-normalised rows. Computed in row blocks so that only
+    ``block x M`` scores exist at a time besides the outputs.
+    """
+    feats = np.asarray(feats, np.float32)
+    labels = np.asarray(labels)
+    n = feats.shape[0]
+    pos, neg = [], []
+    for a in range(0, n, block):
+        s = feats[a:a + block] @ feats.T
+        upper = np.arange(n)[None, :] > np.arange(a, a + s.shape[0])[:, None]
+        same = labels[a:a + s.shape[0], None] == labels[None, :]
+        pos.append(s[upper & same])
+        neg.append(s[upper & ~same])
+    return np.concatenate(pos), np.concatenate(neg)
+
+
+class AllPairsVerificationEvaluator:
+    """Flip-and-sum embeddings, cosine scores of all pairs, TAR at fixed FARs; data loaded once."""
+
+    def __init__(self, name: str, loader: Callable[[], LabelledFaces], batch_size: int):
+        self.name = name
+        self._loader = loader
+        self.batch_size = int(batch_size)
+        self._data: LabelledFaces | None = None
+
+    def data(self) -> LabelledFaces:
+        if self._data is None:
+            self._data = self._loader()
+        return self._data
+
+    def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+        from broadface_jax.evaluation import tar_far
+
+        data = self.data()
+        feats, xnorm = embed_images(embed_fn, data.images, self.batch_size, flip=True)
+        pos, neg = all_pairs_scores(l2_normalize(feats), data.labels)
+        scores = np.concatenate([pos, neg])
+        issame = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+        tars = tar_far.tar_at_far(scores, issame, LFW_PEOPLE_TEST_FARS)
+        metrics = {f"tar@far={tar_far.format_far(f)}": v for f, v in tars.items()}
+        metrics.update(num_genuine=float(pos.size), num_impostor=float(neg.size), xnorm=xnorm)
+        return metrics
+
+
+def _lfw_people_loader(config: Any) -> Callable[[], LabelledFaces]:
+    root = _data_root(config, "lfw")
+    people_path = os.path.join(root, "peopleDevTest.txt")
+    images_dir = os.path.join(root, "images_deepfunneled")
+
+    def load() -> LabelledFaces:
+        from broadface_jax import align
+        from broadface_jax.datasets.lfw import read_people_file
+
+        people = read_people_file(people_path)
+        if not os.path.isdir(images_dir):
+            raise FileNotFoundError(f"LFW images folder not found: {images_dir}")
+        paths, labels = [], []
+        for label, (name, count) in enumerate(people.items()):
+            for i in range(1, min(count, LFW_PEOPLE_TEST_MAX_IMAGES) + 1):
+                paths.append(os.path.join(name, f"{name}_{i:04d}.jpg"))
+                labels.append(label)
+        size = int(config.image_size)
+
+        def build() -> LabelledFaces:
+            images = np.stack([align.lfw_center_crop(
+                align.read_rgb(os.path.join(images_dir, p)), size=size) for p in paths])
+            return LabelledFaces(images, np.asarray(labels, np.int64))
+
+        key = ["lfw_people_test", _file_digest(people_path), images_dir, str(size),
+               str(LFW_PEOPLE_TEST_MAX_IMAGES), _module_digest("broadface_jax.align")]
+        return _cached(_cache_dir(config), "lfw_people_test", key, build, cls=LabelledFaces)
+
+    return load
 
 def _cfp_loader(config: Any, protocol: str) -> Callable[[], PairData]:
     root = _data_root(config, "cfp")
@@ -289,6 +384,10 @@ def build_evaluator(name: str, config: Any) -> PairVerificationEvaluator:
         loader = _lfw_loader(config)
     elif name in ("cfp_fp", "cfp_ff"):
         loader = _cfp_loader(config, name[-2:].upper())
+    elif name == "lfw_people_test":
+        evaluator = AllPairsVerificationEvaluator(name, _lfw_people_loader(config), batch_size)
+        _EVALUATORS[key] = evaluator
+        return evaluator
     elif name == "synthetic":
         loader = _synthetic_loader(config)
     elif name.startswith("bin:") and len(name) > 4:
