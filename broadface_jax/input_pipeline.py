@@ -23,6 +23,23 @@ Batches are fetched (or rendered) by parallel tf.data maps over the step
 counter, then decoded, flipped and normalised `(x / 255 - 0.5) / 0.5` by
 parallel maps; order is kept (deterministic maps). TensorFlow is hidden from
 GPUs.
+
+Retrieval augmentation (`config.dataset.augment == 'retrieval'`, the
+protocol of Song et al. as in the BroadFace authors' release): each image is
+resized to `resize_to x resize_to` (bilinear, antialiased), then a random
+resized crop of that frame (area fraction in `config.dataset.crop_scale`,
+aspect ratio w/h in `config.dataset.crop_ratio`, torchvision's
+`RandomResizedCrop` rule: 10 tries, else a centre crop) is resized to
+`config.image_size` and flipped (when `random_flip`). The crop windows of
+batch k, like its flips, are drawn on the host from
+`(config.seed, process index, k)` (`IndexStream.crops`), so batch k stays a
+pure function of k. Evaluation images get `retrieval_eval_image`: resize to
+`resize_to x resize_to`, centre `image_size` crop. `config.dataset.normalize`
+picks the normalisation: `'face'` `(x / 255 - 0.5) / 0.5` (default) or
+`'imagenet'` `(x / 255 - mean) / std` with torchvision's ImageNet mean/std
+(`normalize_images` applies the same rule to evaluation images). With the
+defaults (`augment='face'`, `normalize='face'`) the pipeline is exactly the
+face pipeline above.
 """
 
 from __future__ import annotations
@@ -40,6 +57,95 @@ import numpy as np
 
 _PERM_SALT = 0x0E90C4
 _FLIP_SALT = 0xF11F
+_CROP_SALT = 0xC409
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, RGB, on x / 255
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("face", "retrieval")
+NORMALIZATIONS = ("face", "imagenet")
+
+
+# ---------------------------------------------------------- normalisation
+def _dataset_field(config: Any, name: str, default: Any) -> Any:
+    """config.dataset.<name>, or `default` for configs written before the field existed."""
+    ds = config.dataset
+    value = ds.get(name, default) if hasattr(ds, "get") else getattr(ds, name, default)
+    return default if value is None else value
+
+
+def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) f32[3] on the x / 255 scale for `config.dataset.normalize`."""
+    kind = _dataset_field(config, "normalize", "face")
+    if kind == "face":
+        return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
+    if kind == "imagenet":
+        return np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    raise ValueError(f"config.dataset.normalize must be one of {NORMALIZATIONS}, got {kind!r}")
+
+
+def normalize_images(images: np.ndarray, config: Any) -> np.ndarray:
+    """float32 images in [0, 255] -> the network's input scale (`config.dataset.normalize`)."""
+    images = np.asarray(images, np.float32)
+    if _dataset_field(config, "normalize", "face") == "face":
+        return (images / 255.0 - 0.5) / 0.5
+    mean, std = normalization(config)
+    return (images / 255.0 - mean) / std
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalAugment:
+    """The retrieval crop settings (module docstring), checked."""
+
+    resize_to: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RetrievalAugment":
+        resize_to = _dataset_field(config, "resize_to", 256)
+        scale = tuple(float(v) for v in _dataset_field(config, "crop_scale", (0.16, 1.0)))
+        ratio = tuple(float(v) for v in _dataset_field(config, "crop_ratio", (0.75, 1.33)))
+        size = int(config.image_size)
+        if isinstance(resize_to, bool) or not isinstance(resize_to, (int, np.integer)) or resize_to < size:
+            raise ValueError(f"config.dataset.resize_to={resize_to!r} must be an integer >= "
+                             f"config.image_size ({size})")
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"config.dataset.crop_scale={scale} must be (lo, hi) with 0 < lo <= hi <= 1")
+        if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"config.dataset.crop_ratio={ratio} must be (lo, hi) with 0 < lo <= hi")
+        return cls(int(resize_to), scale, ratio)
+
+
+def random_resized_crop_window(rng: np.random.Generator, height: int, width: int,
+                               scale: tuple[float, float], ratio: tuple[float, float]
+                               ) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's `RandomResizedCrop.get_params`.
+
+    Ten tries of an area fraction ~ U(scale) and a log-uniform aspect ratio
+    w/h in `ratio`; the first window that fits is taken, else a centre crop
+    with the aspect ratio clamped to `ratio`. Always 40 draws from `rng`, so
+    the stream of windows does not depend on which try succeeded.
+    """
+    area = height * width
+    draws = rng.random((10, 4))
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for u_area, u_ratio, u_top, u_left in draws:
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = float(np.exp(log_lo + (log_hi - log_lo) * u_ratio))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u_top * (height - h + 1)), height - h)
+            left = min(int(u_left * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 # ------------------------------------------------------------------ sources
@@ -172,6 +278,13 @@ class IndexStream:
         rng = np.random.default_rng([_FLIP_SALT, self.seed, self.process, step])
         return rng.random(self.b) < 0.5
 
+    def crops(self, step: int, frame: int, scale: tuple[float, float],
+              ratio: tuple[float, float]) -> np.ndarray:
+        """int32[B, 4] (top, left, h, w) random resized crops of a frame x frame image."""
+        rng = np.random.default_rng([_CROP_SALT, self.seed, self.process, step])
+        return np.array([random_resized_crop_window(rng, frame, frame, scale, ratio)
+                         for _ in range(self.b)], np.int32)
+
 
 # ------------------------------------------------------------------ tf.data
 def _hide_gpus_from_tf(tf) -> None:
@@ -234,6 +347,75 @@ def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _resize(tf, image, size: int):
+    """float image -> size x size, bilinear with antialiasing (kept when already that size)."""
+    same = tf.logical_and(tf.shape(image)[0] == size, tf.shape(image)[1] == size)
+    return tf.cond(same, lambda: image, lambda: tf.clip_by_value(tf.image.resize(
+        image, (size, size), method="bilinear", antialias=True), 0.0, 255.0))
+
+
+def retrieval_eval_image(image, resize_to: int, size: int):
+    """Evaluation view of a retrieval image: resize to resize_to^2, centre size x size crop.
+
+    `image`: a tf uint8 / float image [H, W, 3]; returns float32 [size, size, 3]
+    in [0, 255] (not normalised). The crop offset is torchvision's
+    `CenterCrop`: round((resize_to - size) / 2).
+    """
+    import tensorflow as tf
+
+    offset = int(round((resize_to - size) / 2.0))
+    image = _resize(tf, tf.cast(image, tf.float32), resize_to)
+    image = image[offset:offset + size, offset:offset + size, :]
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+def _build_retrieval_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int,
+                             random_flip: bool, aug: RetrievalAugment, mean: np.ndarray, std: np.ndarray):
+    """steps -> fetch + crop windows -> decode, resize, crop, resize, flip, normalise -> batches."""
+    import tensorflow as tf
+
+    b = stream.b
+
+    def load(step: np.ndarray):
+        step = int(step)
+        payload, labels = source.fetch(stream.indices(step))
+        if source.encoded:
+            payload = np.array(payload, dtype=object)
+        flips = stream.flips(step) if random_flip else np.zeros(b, bool)
+        windows = stream.crops(step, aug.resize_to, aug.crop_scale, aug.crop_ratio)
+        return payload, labels.astype(np.int64), flips, windows
+
+    payload_type = tf.string if source.encoded else tf.uint8
+
+    def load_tf(step):
+        payload, labels, flips, windows = tf.numpy_function(
+            load, [step], [payload_type, tf.int64, tf.bool, tf.int32], stateful=False)
+        shape = [b] if source.encoded else [b, None, None, 3]
+        return (tf.ensure_shape(payload, shape), tf.ensure_shape(labels, [b]),
+                tf.ensure_shape(flips, [b]), tf.ensure_shape(windows, [b, 4]))
+
+    mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+
+    def augment(data, label, flip, window):
+        image = tf.io.decode_jpeg(data, channels=3) if source.encoded else data
+        image = _resize(tf, tf.cast(image, tf.float32), aug.resize_to)
+        image = tf.slice(image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], 3]))
+        image = _resize(tf, image, image_size)
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        image = tf.ensure_shape(image, [image_size, image_size, 3])
+        return (image / 255.0 - mean_t) / std_t, label
+
+    ds = tf.data.Dataset.counter(start_step)
+    ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.unbatch()
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(b, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
     """Raises ValueError naming the value when a label is outside [0, num_classes)."""
     bad = (labels < 0) | (labels >= num_classes)
@@ -267,8 +449,20 @@ def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
     batch = int(config.per_device_batch_size) * jax.local_device_count()
     source = _make_source(config, process_index, process_count)
     stream = IndexStream(source.num_examples, batch, config.seed, process_index)
-    ds = _build_dataset(source, stream, start_step, int(config.image_size),
-                        bool(config.dataset.random_flip))
+    augment = _dataset_field(config, "augment", "face")
+    if augment == "retrieval":
+        mean, std = normalization(config)
+        ds = _build_retrieval_dataset(source, stream, start_step, int(config.image_size),
+                                      bool(config.dataset.random_flip),
+                                      RetrievalAugment.from_config(config), mean, std)
+    elif augment == "face" and _dataset_field(config, "normalize", "face") == "face":
+        ds = _build_dataset(source, stream, start_step, int(config.image_size),
+                            bool(config.dataset.random_flip))
+    elif augment == "face":
+        raise ValueError(f"config.dataset.normalize={config.dataset.normalize!r} needs "
+                         "config.dataset.augment='retrieval' (the face pipeline normalises to [-1, 1])")
+    else:
+        raise ValueError(f"config.dataset.augment must be one of {AUGMENTATIONS}, got {augment!r}")
     return TrainIterator(ds, source, stream, start_step, int(config.num_classes), tf)
 
 

@@ -279,11 +279,14 @@ def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
 
     ``embed_fn(u8[N, H, W, 3]) -> f32[N, D]`` (unnormalised embeddings):
     resizes to ``config.image_size`` when the evaluator's faces have another
-    size, normalises to ``(x/255 - 0.5)/0.5`` as in training, and runs the
+    size, normalises as in training (``config.dataset.normalize``: face
+    ``(x/255 - 0.5)/0.5`` or ImageNet mean/std), and runs the
     encoder in batches of a fixed size (``config.eval.batch_size`` rounded up
     to a multiple of the device count; the last batch is zero-padded) so the
     encoder compiles once.
     """
+    from broadface_jax import input_pipeline
+
     embed = train_step.make_embed_fn(config, mesh, model=model)
     batch = int(config.eval.batch_size)
     if batch < 1:
@@ -309,7 +312,7 @@ def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
                 if n < batch:
                     chunk = np.concatenate(
                         [chunk, np.zeros((batch - n,) + chunk.shape[1:], np.float32)])
-                chunk = (chunk / 255.0 - 0.5) / 0.5
+                chunk = input_pipeline.normalize_images(chunk, config)  # as in training
                 if chunk.shape[1:3] != (size, size):
                     chunk = np.asarray(resize(chunk))
                 outs.append(embed(params, batch_stats, chunk)[:n])

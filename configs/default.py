@@ -53,6 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.split = "train"
     c.dataset.shuffle_buffer = 20_000
     c.dataset.random_flip = True
+    # face: resize to image_size (if needed) + flip | retrieval: resize to resize_to^2, random
+    # resized crop to image_size + flip (broadface_jax/input_pipeline.py; configs/retrieval.py)
+    c.dataset.augment = "face"
+    c.dataset.normalize = "face"  # face: (x/255 - 0.5)/0.5 | imagenet: (x/255 - mean)/std (torchvision)
+    c.dataset.resize_to = 256  # retrieval only: training crops and the evaluation centre crop come from it
+    c.dataset.crop_scale = (0.16, 1.0)  # retrieval only: area fraction of the random resized crop
+    c.dataset.crop_ratio = (0.75, 1.33)  # retrieval only: aspect ratio (w/h) range of that crop
     c.dataset.synthetic = ml_collections.ConfigDict()  # used when name == 'synthetic'
     c.dataset.synthetic.num_identities = 0
     c.dataset.synthetic.heldout_identities = 0
@@ -93,5 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.bin_dir = ""  # folder with insightface .bin files (lfw.bin, agedb_30.bin, ...)
     # decoded/aligned target images (.npz); "" = $BROADFACE_EVAL_CACHE or ~/.cache/broadface_jax/eval
     c.eval.cache_dir = ""
+    # Recall@K targets (sop, inshop, cub200, cars196): TFDS data_dir of their test splits
+    # ("" = config.dataset.data_dir)
+    c.eval.tfds_data_dir = ""
 
     return c
