@@ -27,6 +27,10 @@ a 32x32 demo model gets 32x32 crops of the same alignment).
   balanced folds where that leaves a fold without a same or a different pair
   (small or class-sorted files; :func:`verification.bin_fold_ids`).
 
+* ``sop``, ``inshop``, ``cub200``, ``cars196``: Recall@K on the test splits
+  of the prepared retrieval data sets (:mod:`.retrieval_targets`: no flip,
+  the evaluation crop of the retrieval pipeline, metrics ``recall@K``).
+
 All run the pair protocol of :mod:`verification` with flip-and-sum and
 report accuracy ± std, the chosen threshold, VAL @ FAR = 1e-3 and XNorm.
 
@@ -50,7 +54,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from broadface_jax.evaluation import protocols, verification
+from broadface_jax.evaluation import protocols, retrieval_targets, verification
 from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
 
 SYNTHETIC_NUM_PAIRS = 600
@@ -376,6 +380,8 @@ def _memo_key(name: str, config: Any) -> tuple:
 
 def build_evaluator(name: str, config: Any) -> PairVerificationEvaluator:
     """The evaluator for target ``name`` (module docstring); memoised per name and config values."""
+    if name in retrieval_targets.TARGETS:  # Recall@K: cheap to build, images streamed per run
+        return retrieval_targets.build_evaluator(name, config)
     key = _memo_key(name, config)
     if key in _EVALUATORS:
         return _EVALUATORS[key]
@@ -393,7 +399,8 @@ def build_evaluator(name: str, config: Any) -> PairVerificationEvaluator:
     elif name.startswith("bin:") and len(name) > 4:
         loader = _bin_loader(config, name[4:])
     else:
-        raise ValueError(f"unknown evaluation target {name!r}; known: {', '.join(TARGET_NAMES)}")
+        raise ValueError(f"unknown evaluation target {name!r}; known: "
+                         f"{', '.join(TARGET_NAMES + tuple(retrieval_targets.TARGETS))}")
     evaluator = PairVerificationEvaluator(name, loader, batch_size)
     _EVALUATORS[key] = evaluator
     return evaluator
