@@ -29,6 +29,7 @@ def _run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_main_demo_smoke_then_evaluate_cli(tmp_path):
     workdir = tmp_path / "demo"
     proc = _run(["broadface_jax.main", "--config", "configs/demo.py:smoke",

@@ -19,6 +19,8 @@ from jax.extend import core as jex_core
 
 from broadface_jax import sharding, train_step
 
+pytestmark = pytest.mark.slow  # every test uses the module's ~1-3 min training fixture
+
 NUM_CLASSES = 11  # no layer of the tiny backbone has 11 channels: shape[-1] == 11 means logits
 STEPS = 3
 

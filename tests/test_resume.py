@@ -20,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 4
@@ -76,6 +77,7 @@ def _run_killed_first_half(workdir: pathlib.Path, timeout: float = 240.0) -> Non
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_identical(tmp_path):
     from broadface_jax import checkpointing, train
     from tests.test_train import read_metrics, restore_state, tiny_config, tiny_model

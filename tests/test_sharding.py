@@ -28,6 +28,7 @@ def run(mode, mesh_shape, batches, num_classes, steps_model=None):
     return state, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,mesh_shape", [("all", (8, 1)), ("model", (2, 4)), ("all", (2, 4))])
 def test_sharded_classifier_matches_replicated(mode, mesh_shape):
     rng = np.random.default_rng()

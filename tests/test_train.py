@@ -98,6 +98,7 @@ def test_schedule_durations():
 # ------------------------------------------------------------------ one step
 
 
+@pytest.mark.slow
 def test_one_step_end_to_end_matches_direct_step(tmp_path):
     """train_and_evaluate's first step equals create_train_state + step on batch 0."""
     config = tiny_config(total_steps=1)
@@ -191,6 +192,7 @@ def test_uint8_embed_fn_matches_float64_reference(monkeypatch):
 # ------------------------------------------------------------------ warm start
 
 
+@pytest.mark.slow
 def test_warm_start_loads_encoder_exactly(tmp_path):
     source = tmp_path / "arcface"
     config = tiny_config(total_steps=1)
@@ -264,6 +266,7 @@ def _poisoned_step(monkeypatch, from_step: int, what: str) -> None:
     monkeypatch.setattr(train.train_step, "make_train_step", make)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(total_steps=6)
     _poisoned_step(monkeypatch, from_step=4, what="loss")

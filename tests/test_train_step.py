@@ -52,6 +52,7 @@ def fill_queue_randomly(state, rng, valid_frac=0.6):
     return state.replace(queue=q)
 
 
+@pytest.mark.slow
 def test_empty_queue_step_equals_plain_arcface_step():
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
@@ -178,6 +179,7 @@ def test_ring_buffer_through_the_step_compiles_once():
     assert int(state.step) == k_steps
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
