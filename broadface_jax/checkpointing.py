@@ -22,14 +22,25 @@ target's shape, dtype and sharding on restore.
 
 Every failure names the directory at fault: a path that does not exist, a
 folder without checkpoints, a step that is absent, a checkpoint that cannot
-be read (corrupt or incomplete), or a leaf whose shape differs from the model.
+be read (corrupt or incomplete: :class:`UnreadableCheckpointError`, which a
+resume skips for an older one), or a leaf whose shape differs from the model.
+
+Writing: a save that fails (disk full, permissions, a lost bucket) is raised
+as :class:`CheckpointWriteError`, one line naming the step, the folder and
+the cause ("no space left on device"), at the first save or check after it
+failed (``check_saves`` is cheap enough to call every step). Checkpoints that
+cannot be used are never deleted: ``set_aside`` moves them out of the
+checkpoints folder into ``<workdir>/checkpoints_set_aside/``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as py_logging
 import math
 import os
+import time
+import weakref
 from typing import Any, Optional, Sequence
 
 import jax
@@ -40,27 +51,45 @@ from etils import epath
 PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
+SET_ASIDE_SUBDIR = "checkpoints_set_aside"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files are corrupt or incomplete (not a model mismatch)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message is one readable line."""
+
+
 class _QuietOrbax(py_logging.Filter):
-    """Drops orbax's INFO chatter (dozens of lines per checkpoint)."""
+    """Drops orbax's INFO chatter (dozens of lines per checkpoint) and storage tracebacks.
+
+    A failed save (disk full, say) makes orbax log the same traceback from each
+    of its background threads; the run reports the failure itself in one line
+    (:class:`CheckpointWriteError`), so for storage errors orbax's records keep
+    their one-line message and lose the traceback. Other errors keep theirs.
+    """
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or (
-            "/orbax/" not in record.pathname.replace("\\", "/"))
+        if "/orbax/" not in record.pathname.replace("\\", "/"):
+            return True
+        if record.levelno < py_logging.WARNING:
+            return False
+        if record.exc_info and describe_io_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def quiet_orbax_logging() -> None:
     """Keeps orbax's warnings and errors in the absl log but not its INFO lines."""
-    from absl import logging
-
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-        handler.addFilter(_QuietOrbax())
+    logger = py_logging.getLogger("absl")  # orbax logs through absl.logging
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
 
 
 # ----------------------------------------------------------------- locations
@@ -126,9 +155,11 @@ def resolve(path: str | os.PathLike,
         folder = path
     steps = _numeric_children(folder)
     if not steps:
+        example = (f"{checkpoint_dir(path)}/1000" if folder == path
+                   and base != CHECKPOINT_SUBDIR else f"{folder}/1000")
         raise FileNotFoundError(
             f"no checkpoint found in {folder!r} (expected numbered step "
-            f"folders written by broadface_jax, e.g. {folder}/1000)")
+            f"folders written by broadface_jax, e.g. {example})")
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -140,8 +171,29 @@ def resolve(path: str | os.PathLike,
 
 def latest_step(workdir: str | os.PathLike) -> Optional[int]:
     """The newest finished checkpoint step of a run, or None if it has none."""
-    steps = _numeric_children(checkpoint_dir(workdir))
+    steps = all_steps(workdir)
     return steps[-1] if steps else None
+
+
+def all_steps(workdir: str | os.PathLike) -> list[int]:
+    """The finished checkpoint steps of a run, oldest first."""
+    return _numeric_children(checkpoint_dir(workdir))
+
+
+def set_aside(workdir: str | os.PathLike, step: int, reason: str) -> str:
+    """Moves checkpoint ``step`` to ``<workdir>/checkpoints_set_aside/<step>.<reason>``.
+
+    Nothing is deleted: an unreadable checkpoint stays there for inspection,
+    a rolled-back one can be moved back by hand. Returns the new path.
+    """
+    source = epath.Path(checkpoint_dir(workdir)) / str(step)
+    aside = epath.Path(absolute(workdir)) / SET_ASIDE_SUBDIR
+    aside.mkdir(parents=True, exist_ok=True)
+    dest = aside / f"{step}.{reason}"
+    if dest.exists():
+        dest = aside / f"{step}.{reason}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    source.rename(dest)
+    return os.fspath(dest)
 
 
 # ------------------------------------------------------------------ managers
@@ -160,6 +212,9 @@ def create_manager(workdir: str | os.PathLike, *, max_to_keep: Optional[int],
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep or None,
         save_interval_steps=max(1, int(save_interval_steps)),
+        # Left-over *.orbax-checkpoint-tmp-* folders of a killed or failed save
+        # (the caller holds the workdir lock: no other writer can own them).
+        cleanup_tmp_directories=True,
         create=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -265,12 +320,12 @@ def _stored_shapes(reader: ocp.CheckpointManager, step: int,
     try:
         metadata = reader.item_metadata(step)
     except Exception as e:  # orbax raises several types for unreadable metadata
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
             f"checkpoint {where} cannot be read (corrupt or incomplete?): "
             f"{type(e).__name__}: {e}") from e
     tree = getattr(metadata, "tree", metadata)
     if tree is None:
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
             f"checkpoint {where} has no readable metadata (corrupt or "
             "incomplete?)")
     flat, _ = jax.tree_util.tree_flatten_with_path(
@@ -305,15 +360,112 @@ def _check_shapes(stored: dict[str, tuple[int, ...]], target: PyTree,
 # -------------------------------------------------------------- save/restore
 
 
+def describe_io_error(e: Optional[BaseException]) -> Optional[str]:
+    """"no space left on device" and the like, from anywhere in an exception chain.
+
+    None when the chain holds no storage error (disk full, quota, permissions,
+    read-only file system).
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None)
+        text = str(e)
+        if code == errno.ENOSPC or "No space left on device" in text or "ENOSPC" in text:
+            return "no space left on device"
+        if code == errno.EDQUOT or "Disk quota exceeded" in text:
+            return "disk quota exceeded"
+        if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+            return "permission denied"
+        if code == errno.EROFS or "Read-only file system" in text:
+            return "read-only file system"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _drop_closed_loop_tracebacks() -> None:
+    """After a failed save, silences tensorstore's late "Event loop is closed" reports.
+
+    When one write of a save fails, orbax ends the save's asyncio loop while
+    tensorstore still completes the other writes; each completion reports its
+    callback's ``RuntimeError: Event loop is closed`` through ``sys.excepthook``
+    (a dozen tracebacks that bury the one line that matters). Only that
+    error, from asyncio, is dropped; every other exception is reported as before.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_broadface_drops_closed_loop", False):
+        return
+
+    def hook(kind, value, tb):
+        if (kind is RuntimeError and str(value) == "Event loop is closed"
+                and tb is not None and _from_asyncio(tb)):
+            return
+        previous(kind, value, tb)
+
+    hook._broadface_drops_closed_loop = True
+    sys.excepthook = hook
+
+
+def _from_asyncio(tb) -> bool:
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "asyncio" in tb.tb_frame.f_code.co_filename
+
+
+def _write_error(e: BaseException, step: Optional[int], folder: str) -> CheckpointWriteError:
+    _drop_closed_loop_tracebacks()
+    cause = describe_io_error(e)
+    if cause is None:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        cause = f"{type(e).__name__}: {first}"
+    what = f"checkpoint {step}" if step is not None else "a checkpoint"
+    err = CheckpointWriteError(f"{what} could not be written to {folder}: {cause}")
+    err.step = step
+    return err
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *,
          force: bool = False) -> bool:
     """Saves ``state`` as checkpoint ``step`` (asynchronously).
 
     Returns whether a save was started (``save_interval_steps`` may skip it
-    unless ``force``). Call ``manager.wait_until_finished()`` before exiting.
+    unless ``force``). Call ``wait(manager)`` before exiting.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous one still in flight,
+        failed (the message names the step, the folder and the cause).
     """
-    return manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
-                        force=force)
+    wait(manager)  # a failure of the previous save surfaces here
+    try:
+        started = manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
+                               force=force)
+    except Exception as e:
+        raise _write_error(e, int(step), os.fspath(manager.directory)) from e
+    if started:
+        _LAST_SAVE[manager] = int(step)
+    return started
+
+
+#: The step of each manager's newest save, for naming it if it fails in the background.
+_LAST_SAVE: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raises CheckpointWriteError if a finished background save failed (non-blocking)."""
+    try:
+        manager.check_for_errors()
+    except Exception as e:
+        raise _write_error(e, _LAST_SAVE.get(manager), os.fspath(manager.directory)) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight; raises CheckpointWriteError if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _write_error(e, _LAST_SAVE.get(manager), os.fspath(manager.directory)) from e
 
 
 def restore(path: str | os.PathLike, target: PyTree,
@@ -361,7 +513,7 @@ def _restore(folder: str, step: int, target: PyTree, partial: bool) -> PyTree:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                 partial_restore=partial))
         except Exception as e:  # corrupt files surface as many exception types
-            raise CheckpointError(
+            raise UnreadableCheckpointError(
                 f"checkpoint {where} cannot be restored (corrupt or "
                 f"incomplete?): {type(e).__name__}: {e}") from e
     finally:

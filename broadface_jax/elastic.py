@@ -41,7 +41,7 @@ def saved_queue_rows(path: str | os.PathLike, step: Optional[int] = None) -> int
     try:
         metadata = reader.item_metadata(step)
     except Exception as e:  # orbax raises several types for unreadable metadata
-        raise checkpointing.CheckpointError(
+        raise checkpointing.UnreadableCheckpointError(
             f"checkpoint {folder}/{step} cannot be read (corrupt or incomplete?): "
             f"{type(e).__name__}: {e}") from e
     finally:

@@ -108,9 +108,13 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from broadface_jax import checkpointing
+    from broadface_jax import checkpointing, cli
 
-    checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
+    config = cli.load_config()
+    try:
+        checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
+    except FileNotFoundError as e:
+        cli.fail(str(e), cli.EXIT_USAGE)
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # image decoding beside JAX
@@ -119,7 +123,6 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax import evaluation
 
     checkpointing.quiet_orbax_logging()
-    config = _CONFIG.value
     targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
     step, results = evaluate_checkpoint(config, _WORKDIR.value, targets, _CHECKPOINT.value)
     print(f"\nVerification at step {step} ({_CHECKPOINT.value or _WORKDIR.value}):\n"

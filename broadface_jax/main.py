@@ -23,7 +23,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from broadface_jax import distributed  # defines the multi-host flags
+from broadface_jax import cli, distributed  # distributed defines the multi-host flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
@@ -44,21 +44,43 @@ def _hide_gpus_from_tensorflow() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from broadface_jax import checkpointing
-
-    checkpointing.quiet_orbax_logging()
+    config = cli.load_config()
     _hide_gpus_from_tensorflow()
     distributed.maybe_initialize()
 
     import jax
 
-    from broadface_jax import train
-
     logging.info("JAX process %d / %d, %d local / %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    logging.info("config:\n%s", _CONFIG.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("config:\n%s", config)
+    run(config, _WORKDIR.value)
+
+
+def run(config, workdir: str, model=None) -> None:
+    """``train.train_and_evaluate`` with the ways a run ends turned into exit codes.
+
+    A stop on SIGTERM / SIGINT (after its checkpoint) exits with
+    ``preemption.EXIT_PREEMPTED``; a busy workdir, a refused config change, a
+    failed save (disk full), a storage error or a NaN loss exit with 1 and one
+    message, without a traceback. Anything else propagates.
+    """
+    from broadface_jax import checkpointing, preemption, train, workdir as workdir_lib
+
+    checkpointing.quiet_orbax_logging()
+    try:
+        train.train_and_evaluate(config, workdir, model=model)
+    except preemption.Preempted as e:
+        cli.fail(str(e), preemption.EXIT_PREEMPTED)
+    except (workdir_lib.WorkdirBusyError, workdir_lib.ResumeConfigError,
+            checkpointing.CheckpointWriteError, train.NonFiniteError) as e:
+        cli.fail(str(e), 1)
+    except OSError as e:
+        cause = checkpointing.describe_io_error(e)
+        if cause is None:
+            raise
+        cli.fail(f"{getattr(e, 'filename', None) or workdir}: {cause} (the last finished "
+              "checkpoint is kept)", 1)
 
 
 if __name__ == "__main__":

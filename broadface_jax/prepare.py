@@ -81,6 +81,9 @@ def summary(builder) -> str:
     meta = builder.info.metadata or {}
     if "num_classes" in meta:
         lines.append(f"  identities (num_classes): {meta['num_classes']}")
+    for reason, names in (meta.get("skipped") or {}).items():
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        lines.append(f"  skipped ({reason.replace('_', ' ')}): {len(names)}: {shown}")
     if "classes_per_split" in meta:  # retrieval sets: classes of every split
         lines.append("  classes per split: " + ", ".join(f"{k} {v}" for k, v in meta["classes_per_split"].items()))
     return "\n".join(lines)

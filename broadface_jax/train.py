@@ -22,12 +22,22 @@ over the interval and written to absl logging (one progress line),
 ``checkpoint_every_steps`` and at the end; evaluation every
 ``eval_every_steps`` and at the end, through ``evaluation.run_targets``.
 
-metrics.jsonl is only ever appended to: after a resume, the steps between
-the last checkpoint and the interruption are logged again (with the same
-values, the run being deterministic); readers keep the last record per step.
-Parameters and batch statistics are checked for NaN/inf before every
-checkpoint as well, so a finite loss over a diverged update cannot slip a bad
-state onto disk.
+metrics.jsonl holds one record per logged step: a resume from step N first
+moves the records after N (logged by the interrupted run after its last
+checkpoint) to ``metrics.replaced.jsonl``. Parameters and batch statistics
+are checked for NaN/inf before every checkpoint as well, so a finite loss
+over a diverged update cannot slip a bad state onto disk.
+
+What keeps a run safe from its operators (``broadface_jax.workdir``,
+``preemption``, ``config_check``): the whole config is checked before
+anything is written; process 0 holds ``<workdir>/run.lock`` for the whole
+run, so a second run on the same workdir stops at once; the workdir records
+its config (``config.json``) and a resume with a different model, data,
+queue, batch or seed is refused unless allowed; SIGTERM / SIGINT finish the
+step, checkpoint it and raise :class:`preemption.Preempted`; a failed save
+(disk full) stops the run with one line; a latest checkpoint that cannot be
+read is set aside and the newest readable one is used;
+``config.restore_step`` rolls back to an older kept checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from broadface_jax import checkpointing, elastic, sharding, train_step
+from broadface_jax import (checkpointing, config_check, elastic, preemption, sharding,
+                           train_step, workdir as workdir_lib)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -141,6 +152,35 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _rollback_hint(workdir: str, manager=None) -> str:
+    """Which checkpoints are kept, and how to resume from an earlier one."""
+    if manager is not None:
+        try:
+            checkpointing.wait(manager)  # a save in flight is kept too
+        except checkpointing.CheckpointWriteError as e:
+            logging.warning("%s", e)
+    steps = checkpointing.all_steps(workdir)
+    if not steps:
+        return "No checkpoint is kept yet."
+    hint = (f"Kept checkpoints: {steps} (the last good one is kept; it may already be "
+            "past the point where the loss started to grow).")
+    if len(steps) > 1:
+        hint += (f" To resume from an earlier one, run again with "
+                 f"--config.restore_step={steps[-2]} (later checkpoints are moved to "
+                 f"{checkpointing.SET_ASIDE_SUBDIR}/, not deleted).")
+    return hint
+
+
+def _missed_eval(workdir: str, step: int) -> bool:
+    """Whether metrics.jsonl lacks the evaluation of ``step`` (process 0 decides for all)."""
+    missed = not workdir_lib.has_record(workdir, step, prefix="eval/")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+    return missed
+
+
 def _first_non_finite(steps: list[int], host_metrics: list[Mapping[str, Any]]
                       ) -> Optional[tuple[int, str, float]]:
     """(step, metric name, value) of the first NaN/inf metric, or None."""
@@ -187,9 +227,62 @@ def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
     return state.replace(params=new_params, batch_stats=loaded["batch_stats"])
 
 
+ROLLBACK_FILE = "rollback.json"
+
+
+def _sync(name: str) -> None:
+    """All processes wait here (after process 0 moved checkpoints, say)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"broadface_jax:{name}")
+
+
+def checkpoints_to_try(config: Any, workdir: str) -> list[int]:
+    """Checkpoint steps to resume from, best first.
+
+    Normally every kept step, newest first. With ``config.restore_step = N``
+    (a rollback, e.g. after a divergence), only N: the newer checkpoints are
+    set aside (``checkpoints_set_aside/<step>.rolled-back``), so the run
+    continues from N and writes its own. The rollback is recorded in
+    ``rollback.json`` and done once: running the same command again later
+    resumes from the newest checkpoint of the rolled-back run.
+    """
+    steps = checkpointing.all_steps(workdir)
+    want = int(config.get("restore_step", 0) or 0)
+    record = os.path.join(workdir, ROLLBACK_FILE)
+    if want and os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            if json.load(f).get("restore_step") == want:
+                logging.info("config.restore_step=%d: rollback already done (%s); resuming "
+                             "from the newest checkpoint", want, record)
+                want = 0
+    if not want:
+        return steps[::-1]
+    if want not in steps:
+        raise FileNotFoundError(
+            f"config.restore_step={want}: no checkpoint of that step in "
+            f"{checkpointing.checkpoint_dir(workdir)}; kept steps: {steps or 'none'}")
+    newer = [s for s in steps if s > want]
+    if jax.process_index() == 0:
+        for step in newer:
+            logging.warning("rollback to step %d: checkpoint %d set aside to %s", want, step,
+                            checkpointing.set_aside(workdir, step, "rolled-back"))
+        with open(record, "w", encoding="utf-8") as f:
+            json.dump({"restore_step": want, "set_aside": newer}, f)
+    _sync("rollback")
+    return [want]
+
+
 def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
                   ) -> tuple[train_step.TrainState, train_step.TrainState, str]:
     """The state to start from: resumed, warm-started, or fresh.
+
+    A resume tries the kept checkpoints newest first (:func:`checkpoints_to_try`);
+    one whose files cannot be read (a save cut short by a crash or a full
+    disk) is set aside (``checkpoints_set_aside/<step>.unreadable``) with a
+    warning, and the next older one is used. A checkpoint that reads but does
+    not fit the model is an error.
 
     Returns:
       ``(state, state_shardings, origin)`` with ``origin`` a short description
@@ -197,15 +290,27 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
     """
     rng = jax.random.PRNGKey(int(config.seed))
     state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
-    step = checkpointing.latest_step(workdir)
-    if step is not None:
+    steps = checkpoints_to_try(config, workdir)
+    if steps:
         target = checkpointing.abstract_like(state, shardings)
         del state  # free the fresh state before reading the checkpoint
-        # Another device count changes the queue's rows: elastic re-lays it out.
-        state, relayout = elastic.restore(workdir, target, step)
-        return state, shardings, (
-            f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
-            + (f" ({relayout})" if relayout else ""))
+        for step in steps:
+            try:
+                # Another device count changes the queue's rows: elastic re-lays it out.
+                state, relayout = elastic.restore(workdir, target, step)
+            except checkpointing.UnreadableCheckpointError as e:
+                logging.warning("skipping checkpoint %d: %s", step, e)
+                if jax.process_index() == 0:
+                    logging.warning("checkpoint %d set aside to %s", step,
+                                    checkpointing.set_aside(workdir, step, "unreadable"))
+                _sync(f"unreadable-{step}")
+                continue
+            return state, shardings, (
+                f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
+                + (f" ({relayout})" if relayout else ""))
+        logging.warning("no readable checkpoint in %s: starting over",
+                        checkpointing.checkpoint_dir(workdir))
+        state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
     if config.init_from:
         state = warm_start(state, shardings, str(config.init_from),
                            bool(config.init_classifier))
@@ -381,15 +486,26 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
         values, data or checkpoints, each naming what is wrong.
     """
     workdir = os.fspath(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    config_check.validate(config)  # every field, before anything is written
     schedule = Schedule.from_config(config)
     _check_paths(config)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with workdir_lib.exclusive(workdir):
+        return _train(config, workdir, schedule, model)
+
+
+def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, float]:
+    """``train_and_evaluate`` once the config is checked and the workdir is ours."""
+    is_main = jax.process_index() == 0
+    workdir_lib.record_or_compare_config(
+        workdir, config, resuming=bool(checkpointing.all_steps(workdir)), write=is_main)
     mesh = sharding.make_mesh(config.mesh)
     state, shardings, origin = initial_state(config, mesh, workdir, model)
     start = int(jax.device_get(state.step))
     total = schedule.total_steps
     batch_size = global_batch_size(config)
-    is_main = jax.process_index() == 0
+    if is_main:
+        workdir_lib.truncate_metrics(workdir, start)
     logging.info("workdir %s: %s; step %d of %d, global batch %d on mesh %s",
                  workdir, origin, start, total, batch_size, dict(mesh.shape))
 
@@ -418,17 +534,22 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
         if not bool(_all_finite((state.params, state.batch_stats))):
             raise NonFiniteError(
                 f"step {step}: parameters or batch statistics contain NaN/inf; "
-                "checkpoint not written (the last good checkpoint is kept)")
+                f"checkpoint not written. {_rollback_hint(workdir, manager)}")
         if manager.latest_step() != step:
             checkpointing.save(manager, step, state, force=True)
 
     iterator = None
+    stopper = preemption.StopOnSignal()
+    failed = False
     try:
+        stopper.install()
         if start == 0:
             writer.write_hparams(_flatten_config(config))
         if start < total:
             from broadface_jax import input_pipeline
 
+            if start and targets and schedule.is_eval(start) and _missed_eval(workdir, start):
+                evaluate(start)  # the run stopped between checkpoint and evaluation
             iterator = input_pipeline.create_train_iterator(config, start_step=start)
             step_fn = train_step.make_train_step(config, mesh, shardings, model=model)
             pending: list[tuple[int, Any]] = []
@@ -436,9 +557,12 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
             for step in range(start + 1, total + 1):
                 batch = sharding.shard_batch(_next_batch(iterator, step, config), mesh)
                 state, metrics = step_fn(state, batch)
+                checkpointing.check_saves(manager)  # a failed background save stops here
+                stop = stopper.should_stop(step)  # SIGTERM / SIGINT: checkpoint this step
                 pending.append((step, metrics))
                 steps_in_interval += 1
-                log_now, ckpt_now = schedule.is_log(step), schedule.is_checkpoint(step)
+                log_now = schedule.is_log(step) or stop
+                ckpt_now = schedule.is_checkpoint(step) or stop
                 if log_now or ckpt_now:
                     steps = [s for s, _ in pending]
                     host = jax.device_get([m for _, m in pending])
@@ -446,9 +570,9 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
                     if bad is not None:
                         raise NonFiniteError(
                             f"step {bad[0]}: {bad[1]} = {bad[2]} is not finite; training "
-                            "stopped and no checkpoint of this state was written (the "
-                            "last good checkpoint is kept). Lower config.lr or set "
-                            "config.grad_clip_norm.")
+                            "stopped and no checkpoint of this state was written. Lower "
+                            "config.lr or set config.grad_clip_norm. "
+                            + _rollback_hint(workdir, manager))
                 if log_now:
                     elapsed = time.perf_counter() - t_interval
                     summary = _summarise(host)
@@ -469,20 +593,37 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
                     t_interval = time.perf_counter()
                 if ckpt_now:
                     save(step)
+                if stop:
+                    checkpointing.wait(manager)
+                    raise preemption.Preempted(
+                        step, stopper.signal_name,
+                        f"{checkpointing.checkpoint_dir(workdir)}/{step}")
                 if schedule.is_eval(step) and targets:
                     evaluate(step)
                     t_interval = time.perf_counter()  # keep eval out of images/s
-        else:
+        elif targets and _missed_eval(workdir, start):
             logging.info("run already at step %d of %d: evaluating only", start, total)
-            if targets:
-                evaluate(start)
+            evaluate(start)
+        else:
+            logging.info("run already at step %d of %d and evaluated: nothing to do "
+                         "(broadface_jax.evaluate evaluates it again)", start, total)
         save(int(jax.device_get(state.step)))
+    except BaseException:
+        failed = True
+        raise
     finally:
+        stopper.restore()
         if hasattr(iterator, "close"):
             iterator.close()  # release tf.data while the interpreter is alive
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        try:
+            checkpointing.wait(manager)
+        except checkpointing.CheckpointWriteError as e:
+            if not failed:
+                raise
+            logging.warning("while stopping: %s", e)
+        finally:
+            manager.close()
+            writer.close()
 
     final["step"] = int(jax.device_get(state.step))
     if eval_results:

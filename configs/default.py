@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # workdir or checkpoint dir of another run ("" = from scratch)
     c.init_classifier = True  # also load the classifier rows from init_from
 
+    # ---- resuming a run in the same workdir
+    c.restore_step = 0  # 0 = the latest checkpoint; N = roll back to kept checkpoint N
+    # Fields that may differ from the workdir's config.json on resume (comma-separated
+    # dotted names or prefixes, e.g. "per_device_batch_size,queue"; "*" = any).
+    c.allow_resume_changes = ""
+
     # ---- loop, logging, checkpoints, evaluation
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000

@@ -44,6 +44,11 @@ DEFAULT_SPLITS = {"insightface_rec": "train", "image_folder": "train", "lfw": "d
                   "sop": "train", "inshop": "train", "cub200": "train", "cars196": "train"}
 
 
+def known_names() -> list[str]:
+    """Every short and TFDS name of this package's builders (no module is imported)."""
+    return sorted(_BUILDERS)
+
+
 def is_known(name: str) -> bool:
     """Whether `name` is one of this package's builders (short or TFDS name)."""
     return name in _BUILDERS

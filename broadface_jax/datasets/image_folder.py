@@ -3,6 +3,11 @@
 `manual_dir/<identity>/<image>.{jpg,jpeg,png,bmp,webp}`; labels are the
 sorted identity folder names' positions (0 .. N-1). Images should already be
 aligned face crops; any size other than 112x112 is resized (bilinear).
+
+What is left out is said, never silently dropped: files that are not images
+(by suffix), files directly in `manual_dir`, and identity folders without
+images are logged while preparing and recorded in the data set's metadata
+(`skipped`), which `broadface_jax.prepare` prints.
 """
 
 from __future__ import annotations
@@ -10,23 +15,54 @@ from __future__ import annotations
 import pathlib
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from broadface_jax.datasets import common
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def list_identities(root: pathlib.Path) -> list[tuple[str, list[pathlib.Path]]]:
-    """Sorted (identity, sorted image paths) of an identity-per-folder tree."""
+def list_identities(root: pathlib.Path, skipped: dict[str, list[str]] | None = None
+                    ) -> list[tuple[str, list[pathlib.Path]]]:
+    """Sorted (identity, sorted image paths) of an identity-per-folder tree.
+
+    ``skipped`` (if given) receives what was left out, by reason:
+    ``not_images`` (files without an image suffix, relative paths),
+    ``outside_identity_folders`` (files directly in ``root``) and
+    ``empty_identities`` (folders with no image). Each reason is also logged.
+    """
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image_folder: manual_dir {root} is not a directory")
+    skipped = {} if skipped is None else skipped
+    for key in ("not_images", "outside_identity_folders", "empty_identities"):
+        skipped.setdefault(key, [])
     out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in d.iterdir()
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            skipped["outside_identity_folders"].append(entry.name)
+            continue
+        files = []
+        for f in sorted(entry.iterdir()):
+            if f.name.startswith(".") or not f.is_file():
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+            else:
+                skipped["not_images"].append(f.relative_to(root).as_posix())
         if files:
-            out.append((d.name, files))
+            out.append((entry.name, files))
+        else:
+            skipped["empty_identities"].append(entry.name)
+    for reason, what in (("not_images", f"files that are not images ({', '.join(IMAGE_SUFFIXES)})"),
+                         ("outside_identity_folders", "files outside identity folders"),
+                         ("empty_identities", "identity folders without images")):
+        if skipped[reason]:
+            shown = ", ".join(skipped[reason][:5]) + (" ..." if len(skipped[reason]) > 5 else "")
+            logging.warning("image_folder %s: skipped %d %s: %s", root, len(skipped[reason]),
+                            what, shown)
     if not out:
         raise ValueError(f"image_folder: no identity sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) "
                          f"in {root}")
@@ -52,8 +88,10 @@ class FaceImageFolder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = pathlib.Path(dl_manager.manual_dir)
-        identities = list_identities(root)
+        skipped: dict[str, list[str]] = {}
+        identities = list_identities(root, skipped)
         self.info.metadata["num_classes"] = len(identities)
+        self.info.metadata["skipped"] = {k: v for k, v in skipped.items() if v}
         return {"train": self._generate_examples(root, identities)}
 
     def _generate_examples(self, root: pathlib.Path, identities):

@@ -1,0 +1,275 @@
+"""What a run keeps in its workdir besides checkpoints: its lock, its config, its log.
+
+* ``run.lock``: one writer per workdir. Process 0 holds an exclusive
+  ``fcntl.flock`` on it for the whole run (the file says which host and pid);
+  a second run on the same workdir stops at once with :class:`WorkdirBusyError`
+  naming the holder. The OS releases the lock when the holder exits, however
+  it exits (SIGKILL included), so there are no stale locks to clean up. Object
+  stores (``gs://``) have no locks: the check is skipped there, with a warning.
+* ``config.json``: the config of the run's first start. A resume compares the
+  current config with it (:func:`compare_configs`): a change to a field that
+  gives the saved state its meaning (model, classes, queue, batch, seed, data,
+  loss, optimizer type) is refused unless ``config.allow_resume_changes`` names
+  it; other changes (schedule, logging, evaluation) are logged.
+* ``metrics.jsonl``: one record per logged step. On resume from step N the
+  records after N (logged by the interrupted run after its last checkpoint,
+  or by a run rolled back to N) are moved to ``metrics.replaced.jsonl``, so the
+  file never holds two records of one step and nothing written is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import socket
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+REPLACED_METRICS_FILE = "metrics.replaced.jsonl"
+
+#: Dotted prefixes whose change alters what the saved state means.
+STATE_FIELDS = ("seed", "model", "num_classes", "queue.size_per_device", "queue.compensate",
+                "per_device_batch_size", "image_size", "dataset.name", "dataset.tfds_name",
+                "dataset.split", "dataset.synthetic", "dataset.random_flip", "loss",
+                "optimizer.encoder.name", "optimizer.classifier.name", "classifier_sharding")
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir."""
+
+
+class ResumeConfigError(ValueError):
+    """The config differs from the workdir's in fields that give the state its meaning."""
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+# ------------------------------------------------------------------ lock
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str) -> Iterator[None]:
+    """Process 0 holds ``<workdir>/run.lock`` for the body.
+
+    Raises:
+      WorkdirBusyError: in every process, when another run holds the lock
+        (the processes of a multi-host run learn it from process 0).
+    """
+    import jax
+
+    error = None
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(_flock(workdir))
+            except WorkdirBusyError as e:
+                error = e
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            busy = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+            if busy and error is None:
+                error = WorkdirBusyError(f"workdir {workdir} is in use by another run "
+                                         f"(process 0 could not take {LOCK_FILE})")
+        if error is not None:
+            raise error
+        yield
+
+
+@contextlib.contextmanager
+def _flock(workdir: str) -> Iterator[None]:
+    if not _is_local(workdir):
+        logging.warning("workdir %s is not a local path: no lock against a second run "
+                        "on it (make sure only one job writes there)", workdir)
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise WorkdirBusyError(
+                f"workdir {workdir} is in use by another run ({holder}); wait for it to "
+                "finish or stop it, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {started}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ------------------------------------------------------------------ config record
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """Dotted field -> JSON value (tuples as lists)."""
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if hasattr(value, "items"):
+            for k, v in value.items():
+                visit(f"{prefix}{k}.", v)
+        elif isinstance(value, (tuple, list)):
+            out[prefix[:-1]] = [v if isinstance(v, (bool, int, float, str)) or v is None
+                                else str(v) for v in value]
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            out[prefix[:-1]] = value
+        else:
+            out[prefix[:-1]] = str(value)
+
+    visit("", config)
+    return out
+
+
+def _matches(field: str, prefixes: Any) -> bool:
+    return any(field == p or field.startswith(p + ".") for p in prefixes)
+
+
+def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    allowed: str = "") -> tuple[list[str], list[str]]:
+    """``(refused, accepted)`` differences, each ``'field: saved -> current'``.
+
+    A difference is refused when the field is in :data:`STATE_FIELDS` and not in
+    ``allowed`` (comma-separated dotted names or prefixes; ``*`` allows all).
+    """
+    allow = [a.strip() for a in allowed.split(",") if a.strip()]
+    refused, accepted = [], []
+    for field in sorted(set(saved) | set(current)):
+        if field == "allow_resume_changes":
+            continue
+        old, new = saved.get(field, "<absent>"), current.get(field, "<absent>")
+        if old == new:
+            continue
+        line = f"{field}: {old!r} -> {new!r}"
+        if _matches(field, STATE_FIELDS) and "*" not in allow and not _matches(field, allow):
+            refused.append(line)
+        else:
+            accepted.append(line)
+    return refused, accepted
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_or_compare_config(workdir: str, config: Any, resuming: bool,
+                             write: bool = True) -> None:
+    """Writes ``config.json`` at a run's first start; on resume checks the config against it.
+
+    Every process compares (so all of them stop on a refused change); only
+    ``write=True`` (process 0) writes.
+
+    Raises:
+      ResumeConfigError: listing every refused difference and how to allow it.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    current = flatten(config)
+    exists = os.path.exists(path) if _is_local(workdir) else _epath(path).exists()
+    if not exists or not resuming:
+        if not write:
+            return
+        if resuming:
+            logging.warning("%s not found (a run from before config records): "
+                            "recording the current config", path)
+        text = json.dumps(current, indent=1, sort_keys=True) + "\n"
+        if _is_local(workdir):
+            _write_atomic(path, text)
+        else:
+            _epath(path).write_text(text)
+        return
+    try:
+        raw = (open(path, encoding="utf-8").read() if _is_local(workdir)
+               else _epath(path).read_text())
+        saved = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise ResumeConfigError(f"{path} cannot be read ({e}); it records the run's "
+                                "config: restore it or remove it to record the current one")
+    refused, accepted = compare_configs(saved, current, str(config.get("allow_resume_changes", "")))
+    if refused:
+        fields = ",".join(line.split(":")[0] for line in refused)
+        raise ResumeConfigError(
+            f"workdir {workdir} was started with another config ({path}); these fields "
+            "change what the saved state means:\n  " + "\n  ".join(refused)
+            + f"\nUse the run's values, another --workdir, or allow the change with "
+              f"--config.allow_resume_changes={fields}")
+    for line in accepted:
+        logging.info("resume: config field changed since %s: %s", CONFIG_FILE, line)
+
+
+def _epath(path: str):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Moves the records of ``metrics.jsonl`` after ``step`` to ``metrics.replaced.jsonl``.
+
+    Returns the number of records moved. A torn last line (a kill mid-write)
+    is moved too. Local workdirs only (append-only object stores keep all).
+    """
+    path = os.path.join(workdir, METRICS_FILE)
+    if not _is_local(workdir) or not os.path.exists(path):
+        return 0
+    keep, moved = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                record_step = None
+            (keep if record_step is not None and record_step <= step
+             and line.endswith("\n") else moved).append(line)
+    if not moved:
+        return 0
+    with open(os.path.join(workdir, REPLACED_METRICS_FILE), "a", encoding="utf-8") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_atomic(path, "".join(keep))
+    logging.info("resume from step %d: moved %d metrics.jsonl records of later steps to %s",
+                 step, len(moved), REPLACED_METRICS_FILE)
+    return len(moved)
+
+
+def has_record(workdir: str, step: int, prefix: str = "") -> bool:
+    """Whether ``metrics.jsonl`` has a record of ``step`` with a field starting with ``prefix``."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not _is_local(workdir) or not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step") == step and any(k.startswith(prefix) for k in record
+                                                   if k != "step"):
+                return True
+    return False
