@@ -203,6 +203,7 @@ def test_unknown_data_set_suggests_our_builders_only(tmp_path):
     assert config_check.problems(config) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--config", "configs/missing.py"], "no such config file"),
     (["--config", "configs/demo.py:smoke", "--config.loss.name=arcfase",
@@ -224,6 +225,7 @@ def test_cli_refuses_bad_config_before_the_workdir_exists(tmp_path, args, expect
 # ------------------------------------------------------------------ one writer
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_exits_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -251,6 +253,7 @@ def test_second_run_on_a_workdir_exits_naming_the_holder(tmp_path):
 # ------------------------------------------------------------------ signals
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_a_second_signal_aborts(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -281,6 +284,7 @@ def test_sigterm_checkpoints_the_current_step_and_a_second_signal_aborts(tmp_pat
     assert "Traceback" not in _log(run2) and "KeyboardInterrupt" not in _log(run2)
 
 
+@pytest.mark.slow
 def test_random_kills_and_signals_then_resume_is_bit_identical(tmp_path, straight):
     """SIGTERM / SIGINT / SIGKILL at random moments (mid-step, mid-save, mid-eval)."""
     rng = random.Random(SEED)
@@ -330,6 +334,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     """2 processes x 4 CPU devices (gloo): SIGTERM to process 1 while it waits for input.
 
@@ -413,6 +418,7 @@ def _mount_tmpfs(path: pathlib.Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_full_tmpfs_stops_with_one_readable_line(tmp_path):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "400k"):
