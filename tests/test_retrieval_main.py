@@ -37,6 +37,7 @@ def _run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_sop_smoke_trains_broadface_and_reports_recall(tmp_path):
     from broadface_jax import prepare
 
