@@ -33,7 +33,12 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # interop: ONNX import/export (own graph writer on onnx.helper; see
+        # broadface_jax/export.py for why not jax2onnx / tf2onnx) and embed's progress bar.
+        # PyTorch is never needed: .pth files are read by broadface_jax.interop.torchfile.
+        "interop": ["onnx>=1.17", "onnxruntime>=1.20", "tqdm>=4.66"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5",
+                 "onnx>=1.17", "onnxruntime>=1.20", "tqdm>=4.66"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },

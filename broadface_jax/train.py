@@ -139,7 +139,14 @@ def _check_paths(config: Any) -> None:
             f"config.dataset.data_dir={data_dir!r} does not exist (the TFDS data "
             "directory with the prepared training set)")
     init_from = str(config.init_from)
-    if init_from and "://" not in init_from and not os.path.exists(init_from):
+    from broadface_jax import interop  # noqa: PLC0415 (weights files: .pth / .pt / .onnx)
+
+    if init_from and interop.is_model_file(init_from):
+        try:
+            interop.resolve_files(init_from)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config.init_from={init_from!r}: {e}") from e
+    elif init_from and "://" not in init_from and not os.path.exists(init_from):
         raise FileNotFoundError(
             f"config.init_from={init_from!r} does not exist (a workdir or "
             "checkpoint folder of another run to warm-start from)")
@@ -196,16 +203,29 @@ def _first_non_finite(steps: list[int], host_metrics: list[Mapping[str, Any]]
 
 
 def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
-               init_from: str, init_classifier: bool) -> train_step.TrainState:
+               init_from: str, init_classifier: bool, config: Any = None
+               ) -> train_step.TrainState:
     """Loads encoder (+ batch stats, + classifier) from another run's checkpoint.
 
     The optimizer state, queue, step and RNG stay freshly initialised.
+    ``init_from`` may also name PyTorch / ONNX weights files (``.pth``, ``.pt``,
+    ``.onnx``, or a comma list / glob of arcface_torch rank files): they are
+    imported by :func:`broadface_jax.interop.warm.warm_start` for ``config.model``.
 
     Raises:
       checkpointing.CheckpointError: a shape differs (other backbone, other
         number of classes); the message names every leaf at fault.
       FileNotFoundError: ``init_from`` has no checkpoint.
     """
+    from broadface_jax import interop  # noqa: PLC0415
+
+    if interop.is_model_file(init_from):
+        if config is None:
+            raise ValueError(f"warm start from the weights file {init_from!r} needs the config "
+                             "(its model.name says how to read the file)")
+        from broadface_jax.interop import warm  # noqa: PLC0415
+
+        return warm.warm_start(state, shardings, init_from, init_classifier, config)
     params = {"encoder": state.params["encoder"]}
     params_sh = {"encoder": shardings.params["encoder"]}
     if init_classifier:
@@ -313,7 +333,7 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
         state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
     if config.init_from:
         state = warm_start(state, shardings, str(config.init_from),
-                           bool(config.init_classifier))
+                           bool(config.init_classifier), config=config)
         what = "encoder + classifier" if config.init_classifier else "encoder"
         return state, shardings, f"warm start ({what}) from {config.init_from}"
     return state, shardings, f"from scratch (seed {config.seed})"
