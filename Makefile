@@ -6,6 +6,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# `make test` runs the tests in parallel (pytest-xdist), one file per worker at a
+# time (--dist loadfile: module fixtures are built once); 2 workers by default,
+# at most 4 (each worker is a JAX process with 8 fake devices, ~3 GB).
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 2 ] && n=2; [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install demo test bench clean
 
@@ -21,7 +26,7 @@ demo: install
 	$(PY) -m broadface_jax.main --config configs/demo.py --workdir $(WORKDIR)
 
 test: install
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,10 +1,24 @@
-"""Test configuration: 8 fake CPU devices, set before JAX initialises."""
+"""Test configuration: 8 fake CPU devices, set before JAX initialises.
+
+Also what makes the suite safe to run in parallel (``make test`` runs
+``pytest -n 2 --dist loadfile``, pytest-xdist; pytest.ini registers the
+``slow`` mark): every xdist worker is its own Python process that imports
+this file before any test module, so each worker sets the device count before
+its own JAX starts. The flag is set, not appended: a worker inherits the
+controller's environment (already holding the flag) and must not get it
+twice; another device count a user put in ``XLA_FLAGS`` is replaced, as the
+tests assume 8. Tests share no fixed paths (``tmp_path`` is per worker); the
+evaluation cache under ``~/.cache/broadface_jax/eval`` is written atomically
+(temporary file + ``os.replace``), so two workers building the same entry
+both end with a complete file.
+"""
 
 import os
+import re
 
-os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = " ".join(
+    re.sub(rf"{_DEVICE_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", "")).split() + [f"{_DEVICE_FLAG}=8"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
