@@ -11,6 +11,7 @@ RNG) with an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -109,14 +110,16 @@ def test_resume_after_kill_is_identical(tmp_path):
     for key in ("loss_encoder", "loss_classifier", "queue_fill"):
         np.testing.assert_allclose(final_resumed[key], final_straight[key], rtol=1e-6)
 
-    # metrics.jsonl keeps the killed run's lines; the step that ran twice (HALF + 1,
-    # after the last checkpoint) logged the same values both times.
+    # metrics.jsonl has one record per step: the step that ran twice (HALF + 1, after
+    # the last checkpoint) was moved to metrics.replaced.jsonl on resume, with the
+    # same values as its second run.
     records = read_metrics(killed)
-    assert [r["step"] for r in records] == (list(range(1, HALF + 2))
-                                            + list(range(HALF + 1, TOTAL_STEPS + 1)))
-    first, again = records[HALF], records[HALF + 1]
+    assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
+    replaced = [json.loads(line) for line in
+                (killed / "metrics.replaced.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in replaced] == [HALF + 1]
     for key in ("loss_encoder", "loss_classifier", "grad_norm_encoder"):
-        np.testing.assert_allclose(first[key], again[key], rtol=1e-6)
+        np.testing.assert_allclose(replaced[0][key], records[HALF][key], rtol=1e-6)
     straight_records = {r["step"]: r for r in read_metrics(straight)}
     for r in records:
         np.testing.assert_allclose(r["loss_classifier"],
