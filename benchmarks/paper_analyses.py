@@ -557,9 +557,10 @@ def verdict(pi: Optional[dict], sign: int) -> str:
         return "pending"
     if pi["n"] < 2 or not math.isfinite(pi["lo"]):
         return "pending (1 seed)"
-    if sign * pi["lo"] > 0:
+    lo, hi = (pi["lo"], pi["hi"]) if sign > 0 else (-pi["hi"], -pi["lo"])  # the expected side is > 0
+    if lo > 0:
         return "seen"
-    if sign * pi["hi"] < 0:
+    if hi < 0:
         return "opposite"
     return "not seen"
 

@@ -138,6 +138,11 @@ def test_claims_paired_over_seeds_with_t_intervals():
         assert c["result"]["seeds"] == [1, 2, 3] and c["verdict"] == verdict, key
 
     check(("BroadFace (with compensation) beats ArcFace fine-tuning", "q8_comp - arcface"), q8, arc, "seen")
+    # an interval across 0 is "not seen" whatever the expected sign
+    assert paper_analyses.verdict(dict(diff=-0.2, lo=-0.9, hi=0.5, n=3.0), -1) == "not seen"
+    assert paper_analyses.verdict(dict(diff=-0.2, lo=-0.9, hi=-0.1, n=3.0), -1) == "seen"
+    assert paper_analyses.verdict(dict(diff=0.2, lo=0.1, hi=0.3, n=3.0), -1) == "opposite"
+    assert paper_analyses.verdict(dict(diff=-0.2, lo=-0.3, hi=-0.1, n=3.0), +1) == "opposite"
     check(("accuracy grows with the queue", "q16_comp - q8_comp"), q16, q8, "not seen")
     check(("without compensation a large queue degrades", "q16_nocomp - q16_comp"), q16n, q16, "seen")
     c = claims[("compensation reduces the embedding error (Fig. 5a)",
