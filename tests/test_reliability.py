@@ -299,8 +299,20 @@ def test_random_kills_and_signals_then_resume_is_bit_identical(tmp_path, straigh
             break
         proc = _spawn(run, EVAL)
         # Once this run has trained past its checkpoint, a random delay, then a signal.
+        # Records past the checkpoint left by the previous (killed) run do not count:
+        # this run holds the lock (run.lock names its pid) and has rewritten or
+        # appended to metrics.jsonl since.
+        def trained_past_checkpoint() -> bool:
+            lock, metrics = run / workdir.LOCK_FILE, run / workdir.METRICS_FILE
+            try:
+                mine = f"pid {proc.pid} " in lock.read_text()
+                fresh = metrics.stat().st_mtime_ns >= lock.stat().st_mtime_ns
+            except OSError:
+                return False
+            return mine and fresh and any(s > start for s in _logged_steps(run))
+
         deadline = time.monotonic() + 300
-        while proc.poll() is None and not [s for s in _logged_steps(run) if s > start]:
+        while proc.poll() is None and not trained_past_checkpoint():
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.0))
