@@ -632,7 +632,6 @@ def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, fl
         failed = True
         raise
     finally:
-        stopper.restore()
         if hasattr(iterator, "close"):
             iterator.close()  # release tf.data while the interpreter is alive
         try:
@@ -644,6 +643,7 @@ def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, fl
         finally:
             manager.close()
             writer.close()
+            stopper.restore()  # a signal while the last save finishes still waits for it
 
     final["step"] = int(jax.device_get(state.step))
     if eval_results:
