@@ -56,8 +56,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from broadface_jax import (checkpointing, config_check, elastic, preemption, sharding,
-                           train_step, workdir as workdir_lib)
+from broadface_jax import (checkpointing, config_check, distributed, elastic, preemption,
+                           sharding, train_step, workdir as workdir_lib)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -250,14 +250,6 @@ def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
 ROLLBACK_FILE = "rollback.json"
 
 
-def _sync(name: str) -> None:
-    """All processes wait here (after process 0 moved checkpoints, say)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"broadface_jax:{name}")
-
-
 def checkpoints_to_try(config: Any, workdir: str) -> list[int]:
     """Checkpoint steps to resume from, best first.
 
@@ -290,7 +282,7 @@ def checkpoints_to_try(config: Any, workdir: str) -> list[int]:
                             checkpointing.set_aside(workdir, step, "rolled-back"))
         with open(record, "w", encoding="utf-8") as f:
             json.dump({"restore_step": want, "set_aside": newer}, f)
-    _sync("rollback")
+    distributed.sync("broadface_jax:rollback")
     return [want]
 
 
@@ -323,7 +315,7 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
                 if jax.process_index() == 0:
                     logging.warning("checkpoint %d set aside to %s", step,
                                     checkpointing.set_aside(workdir, step, "unreadable"))
-                _sync(f"unreadable-{step}")
+                distributed.sync(f"broadface_jax:unreadable-{step}")
                 continue
             return state, shardings, (
                 f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
@@ -380,19 +372,9 @@ class _MetricsWriter:
 
 def _flatten_config(config: Any) -> dict[str, Any]:
     """Dotted field -> scalar or string, for TensorBoard hparams."""
-    out = {}
-
-    def visit(prefix: str, value: Any) -> None:
-        if hasattr(value, "items"):
-            for k, v in value.items():
-                visit(f"{prefix}{k}.", v)
-        elif isinstance(value, (bool, int, float, str)):
-            out[prefix[:-1]] = value
-        else:
-            out[prefix[:-1]] = str(value)
-
-    visit("", config)
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else
+            str(tuple(v) if isinstance(v, list) else v)
+            for k, v in workdir_lib.flatten(config).items()}
 
 
 # ------------------------------------------------------------------ evaluation
