@@ -84,19 +84,23 @@ class PairData:
     folds: np.ndarray  # int[N]
 
 
-class PairVerificationEvaluator:
-    """Flip-and-sum embeddings, then the 10-fold pair protocol; data loaded lazily, once."""
+class _LazyTarget:
+    """A named target whose data ``loader()`` runs on first use, once."""
 
-    def __init__(self, name: str, loader: Callable[[], PairData], batch_size: int):
+    def __init__(self, name: str, loader: Callable[[], Any], batch_size: int):
         self.name = name
         self._loader = loader
         self.batch_size = int(batch_size)
-        self._data: PairData | None = None
+        self._data: Any = None
 
-    def data(self) -> PairData:
+    def data(self) -> Any:
         if self._data is None:
             self._data = self._loader()
         return self._data
+
+
+class PairVerificationEvaluator(_LazyTarget):
+    """Flip-and-sum embeddings, then the 10-fold pair protocol; data loaded lazily, once."""
 
     def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
         data = self.data()
@@ -237,19 +241,8 @@ def all_pairs_scores(feats: np.ndarray, labels: np.ndarray, block: int = 1024
     return np.concatenate(pos), np.concatenate(neg)
 
 
-class AllPairsVerificationEvaluator:
+class AllPairsVerificationEvaluator(_LazyTarget):
     """Flip-and-sum embeddings, cosine scores of all pairs, TAR at fixed FARs; data loaded once."""
-
-    def __init__(self, name: str, loader: Callable[[], LabelledFaces], batch_size: int):
-        self.name = name
-        self._loader = loader
-        self.batch_size = int(batch_size)
-        self._data: LabelledFaces | None = None
-
-    def data(self) -> LabelledFaces:
-        if self._data is None:
-            self._data = self._loader()
-        return self._data
 
     def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
         from broadface_jax.evaluation import tar_far
