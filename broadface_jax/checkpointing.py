@@ -85,11 +85,34 @@ class _QuietOrbax(py_logging.Filter):
         return True
 
 
+class _StorageTracebacks(py_logging.Filter):
+    """Keeps asyncio's one-line reports of a failed save's writes, without tracebacks.
+
+    When a write of a save fails (disk full), the other writes of that save fail
+    too and asyncio logs each as "exception was never retrieved" with its
+    traceback; the run reports the failure itself in one line.
+    """
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.exc_info and describe_io_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def quiet_orbax_logging() -> None:
-    """Keeps orbax's warnings and errors in the absl log but not its INFO lines."""
-    logger = py_logging.getLogger("absl")  # orbax logs through absl.logging
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-        logger.addFilter(_QuietOrbax())
+    """Keeps orbax's warnings and errors in the log but not its INFO lines or storage noise.
+
+    Installs, once per process: the orbax filter on the absl logger (orbax logs
+    through absl.logging), the storage-traceback filter on asyncio's logger, and
+    the ``sys.excepthook`` wrapper of :func:`_drop_closed_loop_tracebacks`. They
+    are installed before a run starts because a failed save's background threads
+    report before the main thread learns of the failure.
+    """
+    for name, kind in (("absl", _QuietOrbax), ("asyncio", _StorageTracebacks)):
+        logger = py_logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+    _drop_closed_loop_tracebacks()
 
 
 # ----------------------------------------------------------------- locations
@@ -384,13 +407,15 @@ def describe_io_error(e: Optional[BaseException]) -> Optional[str]:
 
 
 def _drop_closed_loop_tracebacks() -> None:
-    """After a failed save, silences tensorstore's late "Event loop is closed" reports.
+    """Silences tensorstore's late "Event loop is closed" reports after a failed save.
 
     When one write of a save fails, orbax ends the save's asyncio loop while
     tensorstore still completes the other writes; each completion reports its
-    callback's ``RuntimeError: Event loop is closed`` through ``sys.excepthook``
-    (a dozen tracebacks that bury the one line that matters). Only that
-    error, from asyncio, is dropped; every other exception is reported as before.
+    callback's ``RuntimeError: Event loop is closed`` (a dozen tracebacks that
+    bury the one line that matters). The reports that go through
+    ``sys.excepthook`` are dropped here; some are printed by tensorstore directly
+    to stderr and still appear. Only that error, from asyncio, is dropped; every
+    other exception is reported as before.
     """
     import sys
 
@@ -415,7 +440,6 @@ def _from_asyncio(tb) -> bool:
 
 
 def _write_error(e: BaseException, step: Optional[int], folder: str) -> CheckpointWriteError:
-    _drop_closed_loop_tracebacks()
     cause = describe_io_error(e)
     if cause is None:
         first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -67,7 +67,6 @@ def run(config, workdir: str, model=None) -> None:
     """
     from broadface_jax import checkpointing, preemption, train, workdir as workdir_lib
 
-    checkpointing.quiet_orbax_logging()
     try:
         train.train_and_evaluate(config, workdir, model=model)
     except preemption.Preempted as e:

