@@ -32,13 +32,13 @@ GB = 1024 ** 3
 
 def classifier_side(q: int, c: int, d: int, b: int, chunk: int):
     """Lowered, compiled Eq. 9 classifier update; returns memory_analysis()."""
-    margin = losses.MarginConfig()
+    loss = losses.build({"name": "arcface", "s": 64.0})
 
     def step(kernel, momentum, queue, emb, labels):
         def loss_fn(kernel):
             kn = losses.l2_normalize(kernel)
-            q_sum, _, n = queue_lib.queue_loss_sum(queue, kernel, kn, margin, chunk_size=chunk)
-            batch = jnp.sum(losses.margin_cross_entropy(emb, kn, labels, margin))
+            q_sum, _, n = queue_lib.queue_loss_sum(queue, kernel, kn, loss, chunk_size=chunk)
+            batch = jnp.sum(loss.per_example(emb, kn, labels))
             return (batch + q_sum) / (b + n)
         g = jax.grad(loss_fn)(kernel)
         momentum = 0.9 * momentum + g + 5e-4 * kernel

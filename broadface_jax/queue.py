@@ -128,9 +128,9 @@ def fill(queue: QueueState) -> jax.Array:
 
 
 def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.Array,
-                   margin, *, chunk_size: int, compensate_embeddings: bool = True,
-                   num_classes: int | None = None):
-    """Sum of the margin loss over the valid (compensated) queue rows, in chunks.
+                   loss, *, chunk_size: int, compensate_embeddings: bool = True,
+                   num_classes: int | None = None, loss_state=None):
+    """Sum of the per-example loss over the valid (compensated) queue rows, in chunks.
 
     This is the queue half of Eq. 9's numerator. The compensated embeddings are
     data: no gradient flows through e*, only through the logits into the
@@ -149,17 +149,22 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
       queue: the queue (its rows are split into `queue.num_shards` shards).
       kernel: the current classifier W[C, D] (raw; gives W_y for Eq. 7).
       kernel_normalized: W with L2-normalised rows (differentiated).
-      margin: a `losses.MarginConfig`.
+      loss: a `losses.Loss` (`losses.build(config.loss)`): the same per-example
+        loss as the batch term, so every registered loss is BroadFace's too.
       chunk_size: rows per shard per chunk (0 = the whole shard); must divide
         the shard capacity.
       compensate_embeddings: apply Eq. 7 (False: use e⁻ as stored).
       num_classes: real class count when `kernel` has padding rows.
+      loss_state: the loss's state for this step (stateful losses: the state
+        already updated from the batch); not updated here.
 
     Returns:
       (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
-      over valid rows of cos(W⁻, W_y) (classifier drift, from the same chunked
-      gather of W_y as the compensation), and the count of valid rows
-      (float32). Only loss_sum carries a gradient.
+      over valid rows of cos(W⁻_j, W_{y_j}) between each stored row and the
+      current classifier row of its label (classifier drift, from the same
+      chunked gather of W_y as the compensation; the step's `queue_drift`
+      metric is drift_sum / n_valid), and the count of valid rows (float32).
+      Only loss_sum carries a gradient.
     """
     s, ql = queue.num_shards, queue.shard_capacity
     chunk = min(int(chunk_size), ql) if chunk_size else ql
@@ -188,7 +193,7 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
         return e, lab, val, jnp.sum(jnp.where(val, drift, 0.0))
 
     def chunk_loss(kn, e, lab, val):
-        per_row = losses.margin_cross_entropy(e, kn, lab, margin, num_classes)
+        per_row = loss.per_example(e, kn, lab, loss_state, num_classes)
         return jnp.sum(jnp.where(val, per_row, 0.0))
 
     def scan_all(kn):

@@ -12,12 +12,18 @@ Per step (paper section 3.2, Eqs. 7-9):
    through `scale_gradient(e, |X ∪ E| / |X|)`: identity forward, and the
    encoder's gradient becomes exactly that of Eq. 8, while the classifier's is
    exactly that of Eq. 9.
-4. optax update (separate encoder / classifier optimizers via multi_transform).
+4. optax update (separate encoder / classifier optimizers via multi_transform;
+   see `make_optimizer`).
 5. Enqueue the batch's embeddings with the classifier rows W_y they were used
    with (pre-update), after the update.
 
+The loss is `losses.build(config.loss)` (ArcFace, CosFace, combined margin,
+CurricularFace, ...): one per-example loss for the batch and the queue terms. A
+stateful loss (CurricularFace's t) keeps its state in `TrainState.loss_state`,
+updated once per step from the batch.
+
 With an empty queue (capacity 0, or nothing valid yet) this is exactly a plain
-margin-softmax (ArcFace / CosFace) step.
+margin-softmax (ArcFace / CosFace / ...) step.
 """
 
 from __future__ import annotations
@@ -43,12 +49,24 @@ class TrainState:
     opt_state: Any
     queue: queue_lib.QueueState
     rng: jax.Array  # u32[2]; dropout keys are fold_in(rng, step)
+    loss_state: Any = flax.struct.field(default_factory=dict)  # {} or e.g. {'t': f32[]}
 
 
 # ------------------------------------------------------------------ optimizer
 
+PARTS = ("encoder", "classifier")
+
+
 def make_schedule(config: Any) -> optax.Schedule:
-    """Step-wise lr (the paper: 5e-3, x0.1 at 50k and 70k) with optional linear warmup."""
+    """The base lr at (0-based) step s: the paper's 5e-3, x0.1 at 50k and 70k.
+
+    ``lr * lr_decay ** #{b in lr_boundaries : b <= s}``: step b is the first
+    with the decayed lr (after b updates), as PyTorch's ``MultiStepLR`` stepped
+    once per iteration. With ``warmup_steps = w > 0`` the first w steps ramp
+    linearly, ``lr * (s + 1) / w`` (step 0 already moves, step w - 1 uses the
+    full lr), then the step schedule takes over (boundaries count from step 0).
+    Each part applies this times its ``optimizer.<part>.lr_scale``.
+    """
     base = optax.piecewise_constant_schedule(
         float(config.lr), {int(b): float(config.lr_decay) for b in config.lr_boundaries})
     warmup = int(config.warmup_steps)
@@ -63,6 +81,14 @@ def make_schedule(config: Any) -> optax.Schedule:
 
 def _part_optimizer(opt_config: Any, schedule: optax.Schedule,
                     clip_norm: float) -> optax.GradientTransformation:
+    """clip (this part's global norm) -> + weight decay -> SGD momentum / Adam -> x lr.
+
+    The order is PyTorch's (and insightface's): ``clip_grad_norm_`` on the raw
+    gradient, then ``optim.SGD(weight_decay=wd, momentum=mu)``, i.e.
+    ``g += wd * p; buf = mu * buf + g; p -= lr * buf``. The lr is injected
+    (``optax.inject_hyperparams``), so the value applied at each update is in
+    the optimizer state and is what the step logs (`applied_lr`).
+    """
     lr_scale = float(opt_config.lr_scale)
     lr = lambda step: schedule(step) * lr_scale  # noqa: E731
     parts = []
@@ -73,16 +99,25 @@ def _part_optimizer(opt_config: Any, schedule: optax.Schedule,
         # before momentum, on every parameter.
         parts.append(optax.add_decayed_weights(float(opt_config.weight_decay)))
     if opt_config.name == "sgd":
-        parts.append(optax.sgd(lr, momentum=float(opt_config.momentum) or None))
+        parts.append(optax.inject_hyperparams(optax.sgd, static_args=("momentum",))(
+            learning_rate=lr, momentum=float(opt_config.momentum) or None))
     elif opt_config.name == "adam":
-        parts.append(optax.adam(lr))
+        parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=lr))
     else:
         raise ValueError(f"optimizer name {opt_config.name!r}: expected 'sgd' or 'adam'")
     return optax.chain(*parts)
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Separate optimizers for the encoder and the classifier."""
+    """Separate optimizers for the encoder and the classifier (multi_transform).
+
+    ``config.grad_clip_norm > 0`` clips **each part separately** to that L2
+    norm, taken over all of the part's gradient leaves (``clip_by_global_norm``
+    inside the part's chain): the encoder's clip is insightface's
+    ``clip_grad_norm_(backbone.parameters(), max_norm=5)``; insightface leaves
+    its classifier unclipped, here the classifier is clipped by its own norm.
+    Returns (tx, base schedule).
+    """
     schedule = make_schedule(config)
     clip = float(config.grad_clip_norm)
 
@@ -90,10 +125,45 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Sch
         return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
 
     tx = optax.multi_transform(
-        {"encoder": _part_optimizer(config.optimizer.encoder, schedule, clip),
-         "classifier": _part_optimizer(config.optimizer.classifier, schedule, clip)},
+        {part: _part_optimizer(config.optimizer[part], schedule, clip) for part in PARTS},
         labels)
     return tx, schedule
+
+
+def _is_injected(x: Any) -> bool:
+    return isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def applied_lr(opt_state: Any) -> dict[str, jax.Array]:
+    """{part: lr} as stored by `inject_hyperparams` at the last update.
+
+    On the state returned by an update this is the lr that update applied (on
+    a fresh state: the lr of step 0).
+    """
+    out = {}
+    for part in PARTS:
+        found = [x for x in jax.tree.leaves(opt_state.inner_states[part], is_leaf=_is_injected)
+                 if _is_injected(x)]
+        out[part] = found[0].hyperparams["learning_rate"]
+    return out
+
+
+def moments(opt_state: Any) -> Any:
+    """The optimizer state without the injected hyperparameters and their counts:
+    the per-parameter statistics (momentum buffers, Adam moments and counts)."""
+    return jax.tree.map(lambda x: x.inner_state if _is_injected(x) else x, opt_state,
+                        is_leaf=_is_injected)
+
+
+def lr_metrics(config: Any, opt_state: Any) -> dict[str, jax.Array]:
+    """``lr`` (the encoder's applied lr), plus ``lr_encoder`` / ``lr_classifier``
+    when the parts' lr_scale differ."""
+    lrs = applied_lr(opt_state)
+    out = {"lr": lrs["encoder"]}
+    scales = {float(config.optimizer[p].lr_scale) for p in PARTS}
+    if len(scales) > 1:
+        out.update({f"lr_{p}": lrs[p] for p in PARTS})
+    return out
 
 
 # ------------------------------------------------------------------ state
@@ -104,11 +174,13 @@ def padded_num_classes(config: Any, mesh: Mesh) -> int:
     return int(math.ceil(int(config.num_classes) / n) * n)
 
 
-def _model(config: Any, model):
+def _model(config: Any, model, mesh: Mesh | None = None):
     if model is not None:
         return model
     from broadface_jax import models
-    return models.build_encoder(config.model)
+    # The batch's shard count: the BatchNorm groups of model.batch_norm='per_device'.
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) if mesh is not None else None
+    return models.build_encoder(config.model, batch_shards=shards)
 
 
 def queue_chunk(config: Any, mesh: Mesh) -> int:
@@ -151,6 +223,7 @@ def validate_config(config: Any, mesh: Mesh) -> None:
 
 def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState]:
     tx, _ = make_optimizer(config)
+    loss = losses.build(config.loss)
     c_pad = padded_num_classes(config, mesh)
     dim = int(config.model.embedding_dim)
     size = int(config.image_size)
@@ -169,6 +242,7 @@ def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState
             opt_state=tx.init(params),
             queue=queue_lib.init_queue(queue_capacity(config, mesh), dim, mesh.size),
             rng=k_state,
+            loss_state=loss.init_state(),
         )
 
     return init
@@ -200,10 +274,14 @@ def state_shardings(abstract_state: TrainState, config: Any, mesh: Mesh) -> Trai
 
 def build_train_step(config: Any, model=None, mesh: Mesh | None = None
                      ) -> Callable[[TrainState, dict], tuple]:
-    """The pure (un-jitted) step function (`mesh` sets the queue chunk, see `queue_chunk`)."""
-    model = _model(config, model)
-    margin = losses.MarginConfig.from_config(config.loss)
-    tx, schedule = make_optimizer(config)
+    """The pure (un-jitted) step function.
+
+    `mesh` sets the queue chunk (see `queue_chunk`) and the BatchNorm groups of
+    ``model.batch_norm='per_device'`` (one per batch shard).
+    """
+    model = _model(config, model, mesh)
+    loss = losses.build(config.loss)
+    tx, _ = make_optimizer(config)
     num_classes = int(config.num_classes)
     chunk = queue_chunk(config, mesh) if mesh is not None else int(config.queue.chunk_size)
     use_comp = bool(config.queue.compensate)
@@ -221,22 +299,25 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
             emb = emb.astype(jnp.float32)
             kernel = params["classifier"]["kernel"]
             kernel_n = losses.l2_normalize(kernel)
-            if q.capacity:
-                q_sum, drift_sum, n_valid = queue_lib.queue_loss_sum(
-                    q, kernel, kernel_n, margin, chunk_size=chunk,
-                    compensate_embeddings=use_comp, num_classes=num_classes)
-            else:
-                q_sum = drift_sum = n_valid = jnp.zeros((), jnp.float32)
+            n_valid = jnp.sum(q.valid.astype(jnp.float32))  # 0 for capacity 0
             denom = bsz + n_valid
             # Encoder sees d/de of mean over X (Eq. 8); classifier sees Eq. 9.
             emb_scaled = losses.scale_gradient(emb, denom / bsz)
-            batch_losses = losses.margin_cross_entropy(
-                emb_scaled, kernel_n, labels, margin, num_classes)
+            # A stateful loss updates its state from the batch; the queue uses the new one.
+            batch_losses, loss_state = loss.batch(
+                emb_scaled, kernel_n, labels, state.loss_state, num_classes)
+            if q.capacity:
+                q_sum, drift_sum, _ = queue_lib.queue_loss_sum(
+                    q, kernel, kernel_n, loss, chunk_size=chunk,
+                    compensate_embeddings=use_comp, num_classes=num_classes,
+                    loss_state=loss_state)
+            else:
+                q_sum = drift_sum = jnp.zeros((), jnp.float32)
             loss_cls = (jnp.sum(batch_losses) + q_sum) / denom
             aux = dict(emb=emb, batch_stats=new_vars["batch_stats"],
                        loss_encoder=jnp.mean(batch_losses),
                        queue_drift=drift_sum / jnp.maximum(n_valid, 1.0),
-                       queue_used=n_valid)
+                       queue_used=n_valid, loss_state=loss_state)
             return loss_cls, aux
 
         (loss_cls, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -251,13 +332,14 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
             queue_fill=queue_lib.fill(new_queue),
             queue_used=aux["queue_used"],
             queue_drift=aux["queue_drift"],
-            lr=schedule(state.step),
+            **lr_metrics(config, opt_state),  # the lr this update applied
             grad_norm_encoder=optax.tree.norm(grads["encoder"]),
             grad_norm_classifier=optax.tree.norm(grads["classifier"]),
+            **{f"loss_state_{k}": v for k, v in aux["loss_state"].items()},
         )
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=aux["batch_stats"], opt_state=opt_state,
-                                  queue=new_queue)
+                                  queue=new_queue, loss_state=aux["loss_state"])
         return new_state, metrics
 
     return step_fn

@@ -24,9 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = _default()
     c.loss.name = "cosface"
     c.loss.s = 64.0
-    c.loss.m1 = 1.0
-    c.loss.m2 = 0.0
-    c.loss.m3 = 0.35
+    c.loss.m3 = 0.35  # m1, m2 stay unset: CosFace does not use them
     if arg in (None, ""):
         pass
     elif arg == "m04":

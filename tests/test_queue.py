@@ -89,12 +89,12 @@ def test_chunked_and_unchunked_queue_loss_agree():
     capacity, d, c, shards = 64, 8, 13, 2
     q = _random_queue(rng, capacity, d, c, shards)
     kernel = jnp.asarray(rng.normal(size=(c, d)) * 0.05, jnp.float32)
-    margin = losses.MarginConfig()
+    loss = losses.build({"name": "arcface", "s": 64.0})
 
     def f(kernel, chunk):
-        loss, drift, n = queue_lib.queue_loss_sum(
-            q, kernel, losses.l2_normalize(kernel), margin, chunk_size=chunk)
-        return loss, (drift, n)
+        total, drift, n = queue_lib.queue_loss_sum(
+            q, kernel, losses.l2_normalize(kernel), loss, chunk_size=chunk)
+        return total, (drift, n)
 
     results = {}
     for chunk in (32, 8, 4):
@@ -116,12 +116,12 @@ def test_queue_loss_has_no_gradient_through_compensation():
     rng = np.random.default_rng()
     q = _random_queue(rng, 16, 6, 7, 1, valid_frac=1.0)
     kernel = jnp.asarray(rng.normal(size=(7, 6)) * 0.05, jnp.float32)
-    margin = losses.MarginConfig()
+    loss = losses.build({"name": "arcface", "s": 64.0})
     g = jax.grad(lambda k: queue_lib.queue_loss_sum(
-        q, k, losses.l2_normalize(k), margin, chunk_size=0)[0])(kernel)
+        q, k, losses.l2_normalize(k), loss, chunk_size=0)[0])(kernel)
     e_star = queue_lib.compensate(q.embeddings, q.weights, kernel[q.labels])
-    g_frozen = jax.grad(lambda k: jnp.sum(losses.margin_cross_entropy(
-        e_star, losses.l2_normalize(k), q.labels, margin)))(kernel)
+    g_frozen = jax.grad(lambda k: jnp.sum(loss.per_example(
+        e_star, losses.l2_normalize(k), q.labels)))(kernel)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_frozen), rtol=1e-5, atol=1e-6)
 
 

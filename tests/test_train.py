@@ -211,7 +211,7 @@ def test_warm_start_loads_encoder_exactly(tmp_path):
                          leaves((trained.params, trained.batch_stats))):
         np.testing.assert_array_equal(got, want)
     assert int(state.step) == 0
-    assert all(np.all(x == 0) for x in leaves(state.opt_state))  # fresh momentum
+    assert all(np.all(x == 0) for x in leaves(train_step.moments(state.opt_state)))  # fresh momentum
     assert float(np.asarray(state.queue.valid).sum()) == 0  # empty queue
 
     # Encoder only: the classifier keeps this run's own initialisation.

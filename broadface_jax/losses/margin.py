@@ -1,6 +1,6 @@
-"""Margin softmax losses on L2-normalised embeddings and classifier rows.
+"""The combined-margin family: ArcFace, CosFace and insightface's "combined margin".
 
-One family covers the paper's losses (insightface's "combined margin"):
+One family covers the paper's losses:
 
     target logit = s * (cos(m1 * theta_y + m2) - m3),   other logits = s * cos(theta_j)
 
@@ -22,9 +22,10 @@ insightface (`easy_margin=False`) the target logit then falls back to
 whole range, with a small downward jump at the switch (from -1 to
 -cos(m2) - m2 sin(m2), about -1.117 for m2 = 0.5), exactly as insightface.
 
-All functions are written with a one-hot mask rather than gathers along the
-class axis, so that they run unchanged when the classifier is sharded over
-classes (the softmax normaliser becomes a cross-shard reduction under jit).
+Registered as 'arcface' (uses s, m2), 'cosface' (s, m3) and 'combined' (s, m1,
+m2, m3) in ``losses.REGISTRY``. ``MarginConfig`` and ``margin_cross_entropy``
+are the family's direct API (tests, benchmarks); the trainer goes through
+``losses.build``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from broadface_jax import losses as registry
+from broadface_jax.losses import core
+
 EPS = 1e-7  # floor of sin^2(theta): bounds the margin's gradient at theta -> 0 or pi
+_FAMILY = ("arcface", "cosface", "combined")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,25 +55,18 @@ class MarginConfig:
 
     @classmethod
     def from_config(cls, loss_config: Any) -> "MarginConfig":
-        """Builds the margin from `config.loss` (name: arcface | cosface | combined)."""
-        name = loss_config.name
-        s = float(loss_config.s)
-        if name == "arcface":
-            return cls(s=s, m1=1.0, m2=float(loss_config.m2), m3=0.0)
-        if name == "cosface":
-            return cls(s=s, m1=1.0, m2=0.0, m3=float(loss_config.m3))
-        if name == "combined":
-            return cls(s=s, m1=float(loss_config.m1), m2=float(loss_config.m2),
-                       m3=float(loss_config.m3))
-        raise ValueError(
-            f"config.loss.name={name!r} is not a known loss; expected one of "
-            "'arcface', 'cosface', 'combined'")
+        """The margin of `config.loss` (name: arcface | cosface | combined).
 
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / ||x||, safe at x = 0 (returns 0 there, with a finite gradient)."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
+        Unset (None) fields take the loss's default (``losses.REGISTRY``); a
+        field the loss ignores (m1 or m3 for ArcFace, m1 or m2 for CosFace)
+        must stay unset: a ValueError names it, its value and the loss.
+        """
+        name, fields = registry.resolve(loss_config)
+        if name not in _FAMILY:
+            raise ValueError(f"config.loss.name={name!r} is not a combined-margin loss "
+                             f"({', '.join(_FAMILY)}); use losses.build(config.loss)")
+        return cls(s=fields["s"], m1=fields.get("m1", 1.0), m2=fields.get("m2", 0.0),
+                   m3=fields.get("m3", 0.0))
 
 
 def target_logit(cos_y: jax.Array, margin: MarginConfig) -> jax.Array:
@@ -91,6 +89,28 @@ def target_logit(cos_y: jax.Array, margin: MarginConfig) -> jax.Array:
     return out - margin.m3
 
 
+def margin_logits(cos: jax.Array, onehot: jax.Array, cos_y: jax.Array,
+                  margin: MarginConfig) -> jax.Array:
+    """s * cos for other classes, s * target_logit at the label: f32[N, C]."""
+    tgt = target_logit(cos_y, margin)
+    return margin.s * jnp.where(onehot, tgt[:, None], cos)
+
+
+# ---- registered logits functions (see the package docstring for the contract)
+
+def combined(cos, onehot, cos_y, state, *, s: float, m1: float, m2: float, m3: float):
+    del state  # stateless
+    return margin_logits(cos, onehot, cos_y, MarginConfig(s, m1, m2, m3))
+
+
+def arcface(cos, onehot, cos_y, state, *, s: float, m2: float):
+    return combined(cos, onehot, cos_y, state, s=s, m1=1.0, m2=m2, m3=0.0)
+
+
+def cosface(cos, onehot, cos_y, state, *, s: float, m3: float):
+    return combined(cos, onehot, cos_y, state, s=s, m1=1.0, m2=0.0, m3=m3)
+
+
 def margin_cross_entropy(embeddings: jax.Array, kernel_normalized: jax.Array,
                          labels: jax.Array, margin: MarginConfig,
                          num_classes: int | None = None) -> jax.Array:
@@ -109,30 +129,6 @@ def margin_cross_entropy(embeddings: jax.Array, kernel_normalized: jax.Array,
     Returns:
       f32[N] losses.
     """
-    e = l2_normalize(embeddings.astype(jnp.float32))
-    cos = e @ kernel_normalized.T  # [N, C]
-    classes = jnp.arange(kernel_normalized.shape[0])
-    onehot = labels[:, None] == classes[None, :]
-    cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1)
-    tgt = target_logit(cos_y, margin)
-    logits = margin.s * jnp.where(onehot, tgt[:, None], cos)
-    if num_classes is not None and num_classes < kernel_normalized.shape[0]:
-        logits = jnp.where(classes[None, :] < num_classes, logits, -jnp.inf)
-    return jax.nn.logsumexp(logits, axis=-1) - margin.s * tgt
-
-
-@jax.custom_vjp
-def scale_gradient(x: jax.Array, factor: jax.Array) -> jax.Array:
-    """Identity in the forward pass; multiplies the incoming gradient by `factor`."""
-    return x
-
-
-def _scale_gradient_fwd(x, factor):
-    return x, factor
-
-
-def _scale_gradient_bwd(factor, g):
-    return (g * factor.astype(g.dtype), jnp.zeros_like(factor))
-
-
-scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+    cos, onehot, cos_y = core.cosines(embeddings, kernel_normalized, labels)
+    return core.softmax_cross_entropy(margin_logits(cos, onehot, cos_y, margin), onehot,
+                                      num_classes)

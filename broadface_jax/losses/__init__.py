@@ -1,0 +1,149 @@
+"""Losses by name: margin softmax losses on L2-normalised embeddings and classifier rows.
+
+``config.loss.name`` picks a loss from :data:`REGISTRY`; ``losses.build(config.loss)``
+returns a :class:`~broadface_jax.losses.core.Loss` whose ``per_example`` is used
+for **both** BroadFace terms: the batch (Eqs. 8-9) in ``train_step.py`` and every
+chunk of compensated queue rows (Eq. 9) in ``queue.py``. A loss added here is
+therefore BroadFace's queue loss as well.
+
+Adding a loss = one module in this package + one line in :data:`REGISTRY`. The
+module defines a logits function::
+
+    logits(cos, onehot, cos_y, state, *, s, <its fields>) -> f32[N, C]
+
+``cos`` f32[N, C] are the cosines between the normalised embeddings and the
+normalised classifier rows, ``onehot`` bool[N, C] marks each row's label,
+``cos_y`` f32[N] is the cosine at the label (taken with the mask: no gather
+along the class axis, so a class-sharded classifier needs no change), and
+``state`` is the loss's state (``{}`` for a stateless loss). It returns the
+scaled logits of every class, the label's included; the per-example loss is the
+softmax cross-entropy at the label, padding classes excluded
+(``core.Loss.per_example``). A stateful loss also names ``init_state() ->
+pytree`` and ``update_state(state, cos_y) -> pytree``: the state lives in
+``TrainState.loss_state`` (checkpointed and resumed with the rest), is updated
+once per step from the batch's target cosines, and the updated state scores the
+batch and the queue of that step.
+
+Fields: ``config.loss.s`` (the scale, used by every loss) and the margin
+fields ``m1``, ``m2``, ``m3``, which default to ``None`` in
+``configs/default.py``. ``None`` takes the loss's default below; a field that
+the chosen loss does not use must stay ``None`` (``check_fields``): setting
+``m1`` for ArcFace is an error naming the field, its value and the loss, not
+a silently ignored number.
+
+This module is light (no JAX): ``config_check`` reads the names and fields
+from it. The JAX parts are imported on first use (``losses.build``,
+``losses.l2_normalize``, ``losses.margin_cross_entropy``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Where a loss lives and which margin fields it uses (with their defaults)."""
+
+    module: str  # module in this package
+    logits: str  # its logits function
+    fields: Mapping[str, float]  # margin fields it uses -> default when None in the config
+    init_state: str | None = None  # stateful losses: () -> pytree
+    update_state: str | None = None  # (state, cos_y f32[N]) -> state
+    doc: str = ""
+
+
+#: name -> LossSpec. ``s`` is used by every loss and is not listed.
+REGISTRY: dict[str, LossSpec] = {
+    "arcface": LossSpec("margin", "arcface", {"m2": 0.5},
+                        doc="s * cos(theta_y + m2) (Deng et al. 2019)"),
+    "cosface": LossSpec("margin", "cosface", {"m3": 0.35},
+                        doc="s * (cos(theta_y) - m3) (Wang et al. 2018)"),
+    "combined": LossSpec("margin", "combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2},
+                         doc="s * (cos(m1 * theta_y + m2) - m3) (insightface)"),
+    "curricularface": LossSpec("curricularface", "logits", {"m2": 0.5},
+                               init_state="init_state", update_state="update_state",
+                               doc="ArcFace target, hard negatives cos(t + cos) with t an EMA "
+                                   "of the positive cosine (Huang et al. 2020)"),
+}
+
+#: Optional margin fields of config.loss (None = the chosen loss's default).
+MARGIN_FIELDS = ("m1", "m2", "m3")
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def _get(loss_config: Any, name: str) -> Any:
+    if isinstance(loss_config, Mapping):
+        return loss_config.get(name)
+    return getattr(loss_config, name, None)
+
+
+def field_problems(loss_config: Any) -> list[str]:
+    """Margin fields set in ``loss_config`` that its loss does not use, as
+    ``'config.loss.<field>=<value>: ...'`` lines (empty for an unknown name:
+    the name check reports that)."""
+    name = _get(loss_config, "name")
+    spec = REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is None:
+        return []
+    used = ", ".join(["s", *spec.fields])
+    out = []
+    for field in MARGIN_FIELDS:
+        value = _get(loss_config, field)
+        if value is not None and field not in spec.fields:
+            out.append(f"config.loss.{field}={value!r}: loss {name!r} does not use {field} "
+                       f"(it uses {used}); leave it unset (None) or choose a loss that uses it")
+    return out
+
+
+def resolve(loss_config: Any) -> tuple[str, dict[str, float]]:
+    """(name, {'s': ..., each used margin field: its value or default}).
+
+    Raises:
+      ValueError: an unknown name, or a margin field set that the loss ignores
+        (the message names the field, its value and the loss).
+    """
+    name = _get(loss_config, "name")
+    if name not in REGISTRY:
+        raise ValueError(f"config.loss.name={name!r} is not a known loss; expected one of "
+                         + ", ".join(repr(n) for n in REGISTRY))
+    problems = field_problems(loss_config)
+    if problems:
+        raise ValueError("; ".join(problems))
+    spec = REGISTRY[name]
+    fields = {"s": float(_get(loss_config, "s"))}
+    for field, default in spec.fields.items():
+        value = _get(loss_config, field)
+        fields[field] = float(default if value is None else value)
+    return name, fields
+
+
+def spec_function(spec: LossSpec, attr: str | None):
+    """The function named ``attr`` in the spec's module (imports it)."""
+    if attr is None:
+        return None
+    return getattr(importlib.import_module(f"{__name__}.{spec.module}"), attr)
+
+
+# The JAX API, imported on first use (PEP 562) so that this package stays light.
+_LAZY = {
+    "build": "core", "Loss": "core", "l2_normalize": "core", "scale_gradient": "core",
+    "softmax_cross_entropy": "core",
+    "EPS": "margin", "MarginConfig": "margin", "target_logit": "margin",
+    "margin_cross_entropy": "margin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
