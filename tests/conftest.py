@@ -11,6 +11,13 @@ tests assume 8. Tests share no fixed paths (``tmp_path`` is per worker); the
 evaluation cache under ``~/.cache/broadface_jax/eval`` is written atomically
 (temporary file + ``os.replace``), so two workers building the same entry
 both end with a complete file.
+
+Random inputs are reproducible: during each test, ``np.random.default_rng()``
+called without a seed draws from one seed per test (a fresh one each run, or
+``$BROADFACE_TEST_SEED``), and a failing test's report names it::
+
+    numpy seed: unseeded np.random.default_rng() calls drew from seed 123456;
+    rerun with BROADFACE_TEST_SEED=123456
 """
 
 import os
@@ -22,9 +29,13 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import itertools  # noqa: E402
 import pathlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+SEED_ENV = "BROADFACE_TEST_SEED"
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,3 +46,30 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seeded_default_rng(request, monkeypatch):
+    """Unseeded ``np.random.default_rng()`` -> ``default_rng([seed, k])`` (k-th call)."""
+    seed = int(os.environ.get(SEED_ENV, "0")) or 1 + int.from_bytes(os.urandom(4), "little") % 10**6
+    original = np.random.default_rng
+    calls = itertools.count()
+
+    def default_rng(*args, **kwargs):
+        if (not args or args[0] is None) and not kwargs:
+            return original([seed, next(calls)])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(np.random, "default_rng", default_rng)
+    request.node.numpy_seed = seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "numpy_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append((
+            "numpy seed", f"unseeded np.random.default_rng() calls drew from seed {seed}; "
+                          f"rerun with {SEED_ENV}={seed}"))
