@@ -127,30 +127,26 @@ def load_faces(names: Sequence[str], base: pathlib.Path, size: int,
 
 def embed_faces(config: Any, params: Any, batch_stats: Any, faces: np.ndarray,
                 flip: bool = True, progress: bool = True) -> np.ndarray:
-    """``f32[N, D]`` embeddings of u8 faces (flip-summed when ``flip``), in chunks."""
+    """``f32[N, D]`` embeddings of u8 faces (flip-summed when ``flip``).
+
+    The evaluators' embedding path (``evaluation.embedding``: fixed-size
+    zero-padded batches of ``config.eval.batch_size``, so the encoder
+    compiles once); ``progress`` is kept for the command's interface.
+    """
     import jax
 
-    from broadface_jax import sharding, train
+    from broadface_jax import sharding
+    from broadface_jax.evaluation import embedding
 
-    mesh = sharding.make_mesh(config.mesh)
-    replicated = sharding.replicated(mesh)
-    params, batch_stats = jax.device_put((params, batch_stats), replicated)
-    embed_fn = train.make_uint8_embed_fn(config, mesh)(params, batch_stats)
-    chunk = max(1, int(config.eval.batch_size))
-    outs = []
-    starts: Any = range(0, len(faces), chunk)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="embedding", unit="batch", file=sys.stderr)
-    for start in starts:
-        part = faces[start:start + chunk]
-        e = embed_fn(part)
-        if flip:
-            e = e + embed_fn(np.ascontiguousarray(part[:, :, ::-1]))
-        outs.append(e)
+    del progress
     d = int(config.model.embedding_dim)
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, d), np.float32)
+    if len(faces) == 0:
+        return np.zeros((0, d), np.float32)
+    mesh = sharding.make_mesh(config.mesh)
+    params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+    embed_fn = embedding.make_uint8_embed_fn(config, mesh)(params, batch_stats)
+    features, _ = embedding.embed_images(embed_fn, faces, max(1, int(config.eval.batch_size)), flip)
+    return features
 
 
 def run(config: Any, images: str, out: str, *, workdir: Optional[str] = None,

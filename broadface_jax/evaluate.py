@@ -1,8 +1,10 @@
-"""Evaluate a trained run's encoder on verification targets.
+"""Evaluate a trained run's encoder on evaluation targets.
 
     python -m broadface_jax.evaluate --config configs/lfw.py --workdir runs/lfw
     python -m broadface_jax.evaluate --config configs/demo.py --workdir runs/demo \\
         --targets synthetic,lfw_dev --checkpoint runs/demo/checkpoints/400
+    python -m broadface_jax.evaluate --config configs/default.py --workdir runs/paper \\
+        --targets ijbc:/data/IJB_release/IJBC,megaface:/data/megaface,bin:agedb_30
 
 Restores the encoder (parameters and BatchNorm statistics) from the latest
 checkpoint of ``--workdir`` (or from ``--checkpoint``: a workdir, checkpoints
@@ -10,7 +12,13 @@ folder or step folder), embeds each target's faces with flip-and-sum, prints
 the accuracy table, and writes ROC curves (PNG) and ``results_<step>.json`` to
 ``<workdir>/eval``. ``--config`` must describe the same model as the run
 (``model.*``, ``image_size``); ``--targets`` defaults to
-``config.eval.targets``.
+``config.eval.targets``. A target is a ``config.evals`` entry's name, a
+type name (``lfw_dev``, ``synthetic``, ``sop``, ...) or ``<type>:<path>``
+(``bin:``, ``ijbb:``, ``ijbc:``, ``megaface:``, ``ytf:``, ``sop:`` ...): the
+registry of ``broadface_jax.evaluation.targets``, the same as in training.
+Every target is checked (type, options, close matches) before the
+checkpoint is loaded. With several processes each embeds its share of the
+images (``broadface_jax.evaluation.embedding``).
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config of the run (configs/X.py or configs/X.py:variant).",
     lock_config=True)
 _TARGETS = flags.DEFINE_list(
-    "targets", None, "Comma-separated targets (lfw_dev, cfp_fp, cfp_ff, synthetic, "
-    "bin:<path>); default: config.eval.targets.")
+    "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
+    "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
+    "ijbb:, ijbc:, megaface:, ytf:); default: config.eval.targets.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint to evaluate (workdir, checkpoints folder or step "
     "folder); default: the latest in --workdir.")
@@ -86,6 +95,7 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
     import jax
 
     from broadface_jax import evaluation, sharding, train
+    from broadface_jax.evaluation import embedding
 
     if not targets:
         raise ValueError("no evaluation targets: pass --targets or set config.eval.targets")
@@ -94,7 +104,7 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
                                                 model=model)
     logging.info("evaluating step %d of %s on %s", step, checkpoint or workdir,
                  ", ".join(targets))
-    embed_fn = train.make_uint8_embed_fn(config, mesh, model)(params, batch_stats)
+    embed_fn = embedding.make_uint8_embed_fn(config, mesh, model)(params, batch_stats)
     out_dir = os.path.join(workdir, train.EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
     results = evaluation.run_targets(tuple(targets), embed_fn, config, out_dir=out_dir)
@@ -111,6 +121,12 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax import checkpointing, cli
 
     config = cli.load_config()
+    from broadface_jax.evaluation import targets as targets_lib
+
+    targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
+    problems = targets_lib.target_problems(config, targets)
+    if problems:
+        cli.fail("\n".join(problems), cli.EXIT_USAGE)
     try:
         checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
     except FileNotFoundError as e:
@@ -123,7 +139,6 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax import evaluation
 
     checkpointing.quiet_orbax_logging()
-    targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
     step, results = evaluate_checkpoint(config, _WORKDIR.value, targets, _CHECKPOINT.value)
     print(f"\nVerification at step {step} ({_CHECKPOINT.value or _WORKDIR.value}):\n"
           f"{evaluation.format_table(results)}", flush=True)

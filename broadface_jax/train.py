@@ -382,54 +382,14 @@ def _flatten_config(config: Any) -> dict[str, Any]:
 
 def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
                         ) -> Callable[[Any, Any], Callable[[np.ndarray], np.ndarray]]:
-    """Builds ``bind(encoder_params, batch_stats) -> embed_fn`` for the evaluators.
+    """``bind(encoder_params, batch_stats) -> embed_fn`` for the evaluators.
 
-    ``embed_fn(u8[N, H, W, 3]) -> f32[N, D]`` (unnormalised embeddings):
-    resizes to ``config.image_size`` when the evaluator's faces have another
-    size, normalises as in training (``config.dataset.normalize``: face
-    ``(x/255 - 0.5)/0.5`` or ImageNet mean/std), and runs the
-    encoder in batches of a fixed size (``config.eval.batch_size`` rounded up
-    to a multiple of the device count; the last batch is zero-padded) so the
-    encoder compiles once.
+    The evaluation's one embedding path:
+    :func:`broadface_jax.evaluation.embedding.make_uint8_embed_fn`.
     """
-    from broadface_jax import input_pipeline
+    from broadface_jax.evaluation import embedding
 
-    embed = train_step.make_embed_fn(config, mesh, model=model)
-    batch = int(config.eval.batch_size)
-    if batch < 1:
-        raise ValueError(f"config.eval.batch_size={batch} must be >= 1")
-    batch = -(-batch // mesh.size) * mesh.size
-    size = int(config.image_size)
-
-    @jax.jit
-    def resize(x: jax.Array) -> jax.Array:
-        return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]),
-                                method="linear", antialias=True)
-
-    def bind(params: Any, batch_stats: Any) -> Callable[[np.ndarray], np.ndarray]:
-        def embed_fn(images: np.ndarray) -> np.ndarray:
-            images = np.asarray(images)
-            if images.ndim != 4 or images.shape[-1] != 3:
-                raise ValueError(f"embed_fn expects uint8 images [N, H, W, 3], got "
-                                 f"shape {images.shape}")
-            outs = []
-            for start in range(0, images.shape[0], batch):
-                chunk = images[start:start + batch].astype(np.float32)
-                n = chunk.shape[0]
-                if n < batch:
-                    chunk = np.concatenate(
-                        [chunk, np.zeros((batch - n,) + chunk.shape[1:], np.float32)])
-                chunk = input_pipeline.normalize_images(chunk, config)  # as in training
-                if chunk.shape[1:3] != (size, size):
-                    chunk = np.asarray(resize(chunk))
-                outs.append(embed(params, batch_stats, chunk)[:n])
-            if not outs:
-                return np.zeros((0, int(config.model.embedding_dim)), np.float32)
-            return np.concatenate(outs).astype(np.float32)
-
-        return embed_fn
-
-    return bind
+    return embedding.make_uint8_embed_fn(config, mesh, model)
 
 
 def _flatten_eval(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

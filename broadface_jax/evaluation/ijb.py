@@ -38,8 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from broadface_jax.evaluation import tar_far
-from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
+from broadface_jax.evaluation import embedding, tar_far
+from broadface_jax.evaluation.common import EmbedFn, l2_normalize
 
 
 def _read_columns(path: str | os.PathLike, ncols: int, what: str) -> list[list[str]]:
@@ -232,31 +232,31 @@ def embed_aligned_images(embed_fn: EmbedFn, image_dir: str | os.PathLike, names:
     """Per-image features f32[N, D] (flip-summed when ``flip``) of IJB loose crops, streamed.
 
     Each image ``image_dir/name`` is aligned by its 5 points (``landmarks``
-    f[N, 5, 2], loose-crop pixel coordinates) to ``size`` x ``size``; only
-    ``batch_size`` aligned faces are held at a time.
+    f[N, 5, 2], loose-crop pixel coordinates) to ``size`` x ``size``; only one
+    batch of aligned faces is held at a time, and each process reads and
+    embeds only its share (:func:`broadface_jax.evaluation.embedding.embed_source`).
     """
     from broadface_jax import align
 
     landmarks = np.asarray(landmarks)
     if landmarks.shape != (len(names), 5, 2):
         raise ValueError(f"landmarks {landmarks.shape} must be [{len(names)}, 5, 2]")
-    feats: np.ndarray | None = None
-    for start in range(0, len(names), batch_size):
-        stop = min(start + batch_size, len(names))
-        batch = np.stack([
-            align.warp_to_template(align.read_rgb(os.path.join(image_dir, names[i])), landmarks[i], size)
-            for i in range(start, stop)])
-        out, _ = embed_images(embed_fn, batch, batch_size, flip=flip)
-        if feats is None:
-            feats = np.empty((len(names), out.shape[1]), np.float32)
-        feats[start:stop] = out
-    assert feats is not None
-    return feats
+    image_dir = os.fspath(image_dir)
+
+    def load(i: int) -> np.ndarray:
+        path = os.path.join(image_dir, names[i])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"IJB image {names[i]!r} (row {i + 1} of the metadata) not found: {path}")
+        return align.warp_to_template(align.read_rgb(path), landmarks[i], size)
+
+    source = embedding.FileSource(len(names), load, (size, size, 3), what="IJB image")
+    return embedding.embed_source(embed_fn, source, batch_size, flip, what=f"IJB images in {image_dir}").features
 
 
 def run_ijb(embed_fn: EmbedFn, root: str | os.PathLike, target: str = "IJBC", batch_size: int = 256,
             flip: bool = True, normalize_images: bool = False, use_face_scores: bool = True,
-            fars: Sequence[float] = tar_far.DEFAULT_FARS, rule: str = "max_tpr") -> dict[str, float]:
+            fars: Sequence[float] = tar_far.DEFAULT_FARS, rule: str = "max_tpr",
+            size: int = 112) -> dict[str, float]:
     """IJB-B / IJB-C 1:1 from insightface's folder layout (module docstring); defaults F2 / N1 / D1."""
     target = target.upper()
     if target not in ("IJBB", "IJBC"):
@@ -269,7 +269,9 @@ def run_ijb(embed_fn: EmbedFn, root: str | os.PathLike, target: str = "IJBC", ba
     if lmk_names != names:
         raise ValueError(f"{prefix}_name_5pts_score.txt and {prefix}_face_tid_mid.txt list different images "
                          f"(or in a different order)")
-    feats = embed_aligned_images(embed_fn, os.path.join(os.fspath(root), "loose_crop"), names, landmarks,
-                                 batch_size, flip)
+    crops = os.path.join(os.fspath(root), "loose_crop")
+    if not os.path.isdir(crops):
+        raise FileNotFoundError(f"IJB {target}: no loose_crop/ folder in {os.fspath(root)}")
+    feats = embed_aligned_images(embed_fn, crops, names, landmarks, batch_size, flip, size)
     return evaluate_ijb(feats, templates, medias, t1, t2, labels,
                         face_scores if use_face_scores else None, normalize_images, fars, rule)

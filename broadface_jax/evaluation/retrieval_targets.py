@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from broadface_jax.evaluation import retrieval
+from broadface_jax.evaluation import embedding, retrieval
 from broadface_jax.evaluation.common import EmbedFn
 
 SOP_KS = (1, 10, 100, 1000)
@@ -65,7 +65,7 @@ class RecallEvaluator:
     """Recall@K of one retrieval target; images streamed from the prepared TFDS splits."""
 
     def __init__(self, name: str, protocol: Protocol, data_dir: str, image_size: int,
-                 resize_to: int, batch_size: int):
+                 resize_to: int, batch_size: int, ks: tuple[int, ...] = ()):
         if resize_to < image_size:
             raise ValueError(f"config.dataset.resize_to={resize_to} must be >= config.image_size "
                              f"({image_size}) for the {name} evaluation crop")
@@ -74,6 +74,9 @@ class RecallEvaluator:
         self.name, self.protocol = name, protocol
         self.data_dir, self.image_size, self.resize_to = data_dir, int(image_size), int(resize_to)
         self.batch_size = int(batch_size)
+        self.ks = tuple(ks) or protocol.ks
+        if min(self.ks) < 1:
+            raise ValueError(f"evaluation target {name}: ks={ks} must be positive integers")
 
     def _builder(self):
         from broadface_jax import datasets
@@ -94,71 +97,84 @@ class RecallEvaluator:
                                  f"has no split {split!r} (has {list(builder.info.splits)})")
         return builder
 
-    def batches(self, builder, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(u8[<=batch, S, S, 3] evaluation crops, int64 labels) of `split`, in record order."""
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-
-        from broadface_jax import input_pipeline
-
-        src = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-        n = len(src)
-        bs = self.batch_size
-
-        def fetch(start: np.ndarray):
-            start = int(start)
-            records = src.__getitems__(list(range(start, min(start + bs, n))))
-            return (np.array([r["image"] for r in records], dtype=object),
-                    np.array([r["label"] for r in records], np.int64))
-
-        def fetch_tf(start):
-            data, labels = tf.numpy_function(fetch, [start], [tf.string, tf.int64], stateful=False)
-            return tf.ensure_shape(data, [None]), tf.ensure_shape(labels, [None])
-
-        def crop(data, label):
-            image = input_pipeline.retrieval_eval_image(tf.io.decode_jpeg(data, channels=3),
-                                                        self.resize_to, self.image_size)
-            return tf.cast(tf.round(image), tf.uint8), label
-
-        ds = tf.data.Dataset.range(0, n, bs).map(fetch_tf, num_parallel_calls=tf.data.AUTOTUNE,
-                                                 deterministic=True)
-        ds = ds.unbatch().map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(bs).prefetch(tf.data.AUTOTUNE)
-        yield from ds.as_numpy_iterator()
+    def source(self, builder, split: str) -> "TFDSSource":
+        """The split's evaluation crops (and labels), readable a range at a time."""
+        return TFDSSource(builder, split, self.resize_to, self.image_size)
 
     def features(self, embed_fn: EmbedFn, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(f32[N, D] embeddings, int64[N] labels) of every image of `split`."""
-        feats, labels = [], []
-        for images, lab in self.batches(builder, split):
-            out = np.asarray(embed_fn(images), np.float32)
-            if out.ndim != 2 or out.shape[0] != images.shape[0]:
-                raise ValueError(f"embed_fn must return f32[N, D] for N={images.shape[0]} images, "
-                                 f"got shape {out.shape}")
-            if not np.all(np.isfinite(out)):
-                raise ValueError(f"evaluation target {self.name}: embed_fn returned NaN/inf "
-                                 f"embeddings on split {split!r} (is the model diverged?)")
-            feats.append(out)
-            labels.append(lab)
-        if not feats:
+        """(f32[N, D] embeddings, int64[N] labels) of every image of `split` (each process its share)."""
+        src = self.source(builder, split)
+        if len(src) == 0:
             raise ValueError(f"evaluation target {self.name}: split {split!r} is empty")
-        return np.concatenate(feats), np.concatenate(labels)
+        out = embedding.embed_source(embed_fn, src, self.batch_size, flip=False,
+                                     what=f"evaluation target {self.name} split {split!r}")
+        return out.features, out.labels
 
     def run(self, embed_fn: EmbedFn, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
         del out_dir  # nothing to plot
         builder = self._builder()
         q, q_labels = self.features(embed_fn, builder, self.protocol.query_split)
         if self.protocol.gallery_split is None:
-            rec = retrieval.recall_at_k(q, q_labels, ks=self.protocol.ks)
+            rec = retrieval.recall_at_k(q, q_labels, ks=self.ks)
         else:
             g, g_labels = self.features(embed_fn, builder, self.protocol.gallery_split)
-            rec = retrieval.recall_at_k(q, q_labels, g, g_labels, ks=self.protocol.ks)
+            rec = retrieval.recall_at_k(q, q_labels, g, g_labels, ks=self.ks)
         return {f"recall@{k}": float(v) for k, v in rec.items()}
 
 
-def build_evaluator(name: str, config: Any) -> RecallEvaluator:
-    """The Recall@K evaluator of target `name` (a key of :data:`TARGETS`)."""
-    if name not in TARGETS:
-        raise ValueError(f"unknown retrieval target {name!r}; known: {', '.join(TARGETS)}")
+class TFDSSource:
+    """An :class:`~broadface_jax.evaluation.embedding.ImageSource` over a prepared TFDS split.
+
+    Rows ``start..stop-1`` are read by index (``as_data_source``), decoded and
+    cropped by a parallel ``tf.data`` pipeline, and yielded with their labels.
+    """
+
+    def __init__(self, builder, split: str, resize_to: int, image_size: int):
+        import tensorflow_datasets as tfds
+
+        self._src = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        self.resize_to, self.image_shape = int(resize_to), (int(image_size), int(image_size), 3)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        import tensorflow as tf
+
+        from broadface_jax import input_pipeline
+
+        src, bs, size = self._src, int(batch_size), self.image_shape[0]
+
+        def fetch(first: np.ndarray):
+            first = int(first)
+            records = src.__getitems__(list(range(first, min(first + bs, stop))))
+            return (np.array([r["image"] for r in records], dtype=object),
+                    np.array([r["label"] for r in records], np.int64))
+
+        def fetch_tf(first):
+            data, labels = tf.numpy_function(fetch, [first], [tf.string, tf.int64], stateful=False)
+            return tf.ensure_shape(data, [None]), tf.ensure_shape(labels, [None])
+
+        def crop(data, label):
+            image = input_pipeline.retrieval_eval_image(tf.io.decode_jpeg(data, channels=3),
+                                                        self.resize_to, size)
+            return tf.cast(tf.round(image), tf.uint8), label
+
+        ds = tf.data.Dataset.range(start, stop, bs).map(fetch_tf, num_parallel_calls=tf.data.AUTOTUNE,
+                                                        deterministic=True)
+        ds = ds.unbatch().map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(bs).prefetch(tf.data.AUTOTUNE)
+        yield from ds.as_numpy_iterator()
+
+
+def build_evaluator(dataset: str, config: Any, data_dir: str = "", ks: tuple[int, ...] = (),
+                    name: str | None = None) -> RecallEvaluator:
+    """The Recall@K evaluator of data set `dataset` (a key of :data:`TARGETS`).
+
+    ``data_dir`` "" = :func:`data_dir_of`; ``ks`` () = the protocol's K.
+    """
+    if dataset not in TARGETS:
+        raise ValueError(f"unknown retrieval target {dataset!r}; known: {', '.join(TARGETS)}")
     resize_to = config.dataset.get("resize_to", 256) if hasattr(config.dataset, "get") else 256
-    return RecallEvaluator(name, TARGETS[name], data_dir_of(config), int(config.image_size),
-                           int(resize_to), int(config.eval.batch_size))
+    return RecallEvaluator(name or dataset, TARGETS[dataset], data_dir or data_dir_of(config),
+                           int(config.image_size), int(resize_to), int(config.eval.batch_size), ks)

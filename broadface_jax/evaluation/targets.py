@@ -1,8 +1,27 @@
-"""Evaluation targets built from the config, and the table that reports them.
+"""Evaluation targets: one registry of types, built from the config, and the table that reports them.
 
-Targets (``config.eval.targets``):
+A target is named in ``config.eval.targets`` (or ``broadface_jax.evaluate
+--targets``) in one of three ways (:func:`resolve_target`):
 
-* ``lfw_dev``: LFW View 1 test pairs (``<data_root>/lfw/pairsDevTest.txt``,
+* the name of a ``config.evals`` entry, as big_vision's ``config.evals``:
+  ``c.evals.ijbc = dict(type="ijbc", root="/data/IJB_release/IJBC", flip=True)``
+  (``type`` defaults to the entry's name; the other keys are the type's options);
+* a type name, every option at its default: ``lfw_dev``, ``cfp_fp``, ``sop``;
+* ``'<type>:<value>'``, setting the type's positional option:
+  ``bin:agedb_30``, ``ijbc:/data/IJB_release/IJBC``, ``megaface:/data/megaface``.
+
+Types (:data:`TYPES`; ``register(name, TargetType(...))`` adds one): the pair
+and all-pairs targets below, the Recall@K targets of :mod:`.retrieval_targets`
+(options ``data_dir``, ``ks``) and ``ijbb`` / ``ijbc`` / ``megaface`` / ``ytf``
+of :mod:`.benchmark_targets`. Options are checked before anything runs: an
+unknown type or option, a missing required one or a value of the wrong type
+is a :class:`TargetError` naming the entry and option, with close matches
+(``config_check`` reports them with the other config faults). The trainer and
+``broadface_jax.evaluate`` both run targets through :func:`run_targets`.
+
+* ``lfw_dev``: LFW View 1 test pairs (``<data_root>/lfw/pairsDevTest.txt``;
+  option ``data_root``, default ``config.eval.data_root``, as for the CFP and
+  ``lfw_people_test`` types;
   500 + 500 pairs) on deep-funneled images, centre-cropped by
   ``broadface_jax.align.lfw_center_crop``; 10 balanced folds (View 1 has no
   official folds; see :func:`protocols.read_lfw_pairs`).
@@ -20,9 +39,11 @@ Targets (``config.eval.targets``):
 Face images are made at ``config.image_size`` (112 for the paper's models;
 a 32x32 demo model gets 32x32 crops of the same alignment).
 * ``synthetic``: pairs of held-out synthetic identities from
-  ``broadface_jax.datasets.synthetic.verification_pairs(config, 600, seed)``.
-* ``bin:<path>``: an insightface ``.bin`` (read safely); a relative path is
-  looked up in ``config.eval.bin_dir`` too, and ``.bin`` may be left out
+  ``broadface_jax.datasets.synthetic.verification_pairs(config, num_pairs, seed)``
+  (options ``num_pairs`` = 600, ``seed`` = -1: ``config.seed + 7919``).
+* ``bin:<path>`` (type ``bin``, options ``path``, ``bin_dir``): an insightface
+  ``.bin`` (read safely); a relative path is looked up in ``bin_dir``
+  (default ``config.eval.bin_dir``) too, and ``.bin`` may be left out
   (``bin:agedb_30``). Folds: insightface's KFold(10) in file order, or
   balanced folds where that leaves a fold without a same or a different pair
   (small or class-sorted files; :func:`verification.bin_fold_ids`).
@@ -31,8 +52,10 @@ a 32x32 demo model gets 32x32 crops of the same alignment).
   of the prepared retrieval data sets (:mod:`.retrieval_targets`: no flip,
   the evaluation crop of the retrieval pipeline, metrics ``recall@K``).
 
-All run the pair protocol of :mod:`verification` with flip-and-sum and
-report accuracy ± std, the chosen threshold, VAL @ FAR = 1e-3 and XNorm.
+The pair targets (``lfw_dev``, ``cfp_*``, ``synthetic``, ``bin``) run the pair
+protocol of :mod:`verification` with flip-and-sum and report accuracy ± std,
+the chosen threshold, VAL @ FAR = 1e-3 and XNorm. Every target embeds through
+:mod:`.embedding` (each process its share of the images).
 
 Caching: the decoded / aligned images of a target are loaded once per
 process (evaluators are memoised by name and config) and kept on disk as an
@@ -59,7 +82,6 @@ from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
 
 SYNTHETIC_NUM_PAIRS = 600
 SYNTHETIC_SEED_OFFSET = 7919  # synthetic eval pairs use config.seed + this
-TARGET_NAMES = ("lfw_dev", "lfw_people_test", "cfp_fp", "cfp_ff", "synthetic", "bin:<path>")
 LFW_PEOPLE_TEST_MAX_IMAGES = 10  # lfw_people_test: first images per person
 LFW_PEOPLE_TEST_FARS = (1e-2, 1e-3, 1e-4)
 
@@ -110,11 +132,17 @@ class PairVerificationEvaluator(_LazyTarget):
                                                   data.issame, folds=data.folds)
         metrics = result.metrics()
         metrics["xnorm"] = xnorm
-        if out_dir is not None:
+        if out_dir is not None and _is_main_process():
             os.makedirs(out_dir, exist_ok=True)
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
             verification.plot_roc(result, os.path.join(out_dir, f"roc_{safe}.png"), self.name)
         return metrics
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------ caching
@@ -182,16 +210,15 @@ def _pairs_to_data(pairs: protocols.PairList, load_image: Callable[[str], np.nda
     return PairData(images, idx_a, idx_b, pairs.issame, pairs.folds)
 
 
-def _data_root(config: Any, sub: str) -> str:
-    root = os.path.abspath(os.path.join(os.fspath(config.eval.data_root), sub))
+def _data_root(data_root: str, sub: str, where: str) -> str:
+    root = os.path.abspath(os.path.join(os.fspath(data_root), sub))
     if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"config.eval.data_root={config.eval.data_root!r}: no '{sub}' folder at {root}")
+        raise FileNotFoundError(f"{where}={data_root!r}: no '{sub}' folder at {root}")
     return root
 
 
-def _lfw_loader(config: Any) -> Callable[[], PairData]:
-    root = _data_root(config, "lfw")
+def _lfw_loader(config: Any, data_root: str, where: str) -> Callable[[], PairData]:
+    root = _data_root(data_root, "lfw", where)
     pairs_path = os.path.join(root, "pairsDevTest.txt")
     images_dir = os.path.join(root, "images_deepfunneled")
 
@@ -258,8 +285,8 @@ class AllPairsVerificationEvaluator(_LazyTarget):
         return metrics
 
 
-def _lfw_people_loader(config: Any) -> Callable[[], LabelledFaces]:
-    root = _data_root(config, "lfw")
+def _lfw_people_loader(config: Any, data_root: str, where: str) -> Callable[[], LabelledFaces]:
+    root = _data_root(data_root, "lfw", where)
     people_path = os.path.join(root, "peopleDevTest.txt")
     images_dir = os.path.join(root, "images_deepfunneled")
 
@@ -288,8 +315,8 @@ def _lfw_people_loader(config: Any) -> Callable[[], LabelledFaces]:
 
     return load
 
-def _cfp_loader(config: Any, protocol: str) -> Callable[[], PairData]:
-    root = _data_root(config, "cfp")
+def _cfp_loader(config: Any, protocol: str, data_root: str, where: str) -> Callable[[], PairData]:
+    root = _data_root(data_root, "cfp", where)
     cfp_root = os.path.join(root, "cfp-dataset") if os.path.isdir(os.path.join(root, "cfp-dataset")) else root
 
     def load() -> PairData:
@@ -312,12 +339,11 @@ def _cfp_loader(config: Any, protocol: str) -> Callable[[], PairData]:
     return load
 
 
-def _synthetic_loader(config: Any) -> Callable[[], PairData]:
+def _synthetic_loader(config: Any, num_pairs: int, seed: int) -> Callable[[], PairData]:
     def load() -> PairData:
         from broadface_jax.datasets import synthetic
 
-        a, b, issame = synthetic.verification_pairs(config, SYNTHETIC_NUM_PAIRS,
-                                                    int(config.seed) + SYNTHETIC_SEED_OFFSET)
+        a, b, issame = synthetic.verification_pairs(config, num_pairs, seed)
         n = a.shape[0]
         issame = np.asarray(issame, bool)
         return PairData(np.concatenate([a, b]), np.arange(n), n + np.arange(n), issame,
@@ -338,11 +364,11 @@ def resolve_bin_path(path: str, bin_dir: str = "") -> str:
                             f"(config.eval.bin_dir={bin_dir!r})")
 
 
-def _bin_loader(config: Any, path: str) -> Callable[[], PairData]:
+def _bin_loader(config: Any, path: str, bin_dir: str) -> Callable[[], PairData]:
     def load() -> PairData:
         from broadface_jax.evaluation import binfile
 
-        file = resolve_bin_path(path, os.fspath(config.eval.bin_dir))
+        file = resolve_bin_path(path, bin_dir)
         size = int(config.image_size)
 
         def build() -> PairData:
@@ -361,50 +387,268 @@ def _bin_loader(config: Any, path: str) -> Callable[[], PairData]:
 
 
 # ------------------------------------------------------------------ registry
-_EVALUATORS: dict[tuple, PairVerificationEvaluator] = {}
+REQUIRED = "<required>"  # an option default: the option must be given
 
 
-def _memo_key(name: str, config: Any) -> tuple:
-    syn = config.dataset.synthetic
-    return (name, os.path.abspath(os.fspath(config.eval.data_root)), os.fspath(config.eval.bin_dir),
-            int(config.eval.batch_size), int(config.image_size), int(config.seed),
-            int(syn.num_identities), int(syn.heldout_identities), int(syn.samples_per_identity))
+@dataclasses.dataclass(frozen=True)
+class TargetType:
+    """One kind of evaluation target: how to build its evaluator and which options it takes.
+
+    ``options`` maps each option to its default (:data:`REQUIRED`: must be
+    given); a given value must have the default's type (an int passes for a
+    float, a list for a tuple). ``positional`` is the option that a
+    ``'<type>:<value>'`` target string sets (``bin:agedb_30``, ``ijbc:/data/IJBC``).
+    ``build(name, config, options)`` gets every option, defaults filled in.
+    """
+
+    build: Callable[[str, Any, dict[str, Any]], Evaluator]
+    options: Mapping[str, Any]
+    positional: str | None = None
+    summary: str = ""
+    choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # option -> allowed values
 
 
-def build_evaluator(name: str, config: Any) -> PairVerificationEvaluator:
-    """The evaluator for target ``name`` (module docstring); memoised per name and config values."""
-    if name in retrieval_targets.TARGETS:  # Recall@K: cheap to build, images streamed per run
-        return retrieval_targets.build_evaluator(name, config)
-    key = _memo_key(name, config)
-    if key in _EVALUATORS:
-        return _EVALUATORS[key]
-    batch_size = int(config.eval.batch_size)
-    if name == "lfw_dev":
-        loader = _lfw_loader(config)
-    elif name in ("cfp_fp", "cfp_ff"):
-        loader = _cfp_loader(config, name[-2:].upper())
-    elif name == "lfw_people_test":
-        evaluator = AllPairsVerificationEvaluator(name, _lfw_people_loader(config), batch_size)
-        _EVALUATORS[key] = evaluator
-        return evaluator
-    elif name == "synthetic":
-        loader = _synthetic_loader(config)
-    elif name.startswith("bin:") and len(name) > 4:
-        loader = _bin_loader(config, name[4:])
+class TargetError(ValueError):
+    """An evaluation target that cannot be built; ``problems`` lists each fault on its own."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A resolved evaluation target: its name (the key of the results), type and options."""
+
+    name: str
+    type: str
+    options: Mapping[str, Any]
+    where: str  # the config field it came from, for errors
+
+
+#: type name -> :class:`TargetType`; filled below and by :mod:`.benchmark_targets`.
+TYPES: dict[str, TargetType] = {}
+
+
+def register(type_name: str, target_type: TargetType) -> None:
+    """Adds an evaluation type (a new evaluator is one class and one ``register`` call)."""
+    if type_name in TYPES:
+        raise ValueError(f"evaluation type {type_name!r} is already registered")
+    TYPES[type_name] = target_type
+
+
+def _suggest(value: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is REQUIRED or default is None:
+        return value is not None
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
+def option_problems(spec: TargetSpec) -> list[str]:
+    """Every fault of ``spec`` as ``'<where>.<option>=<value>: <why>'`` (empty when it is valid)."""
+    if spec.type not in TYPES:
+        return [f"{spec.where}: unknown evaluation type {spec.type!r}{_suggest(spec.type, TYPES)}; "
+                f"known: {', '.join(TYPES)}"]
+    kind = TYPES[spec.type]
+    found = []
+    for key, value in spec.options.items():
+        if key not in kind.options:
+            found.append(f"{spec.where}.{key}={value!r}: not an option of type {spec.type!r}"
+                         f"{_suggest(key, kind.options)}; its options: {', '.join(kind.options) or 'none'}")
+        elif not _type_ok(value, kind.options[key]):
+            default = kind.options[key]
+            want = "a value" if default is REQUIRED else f"a {type(default).__name__} like {default!r}"
+            found.append(f"{spec.where}.{key}={value!r}: must be {want}")
+        elif key in kind.choices and value not in kind.choices[key]:
+            found.append(f"{spec.where}.{key}={value!r}: must be one of "
+                         f"{', '.join(repr(c) for c in kind.choices[key])}{_suggest(value, kind.choices[key])}")
+    for key, default in kind.options.items():
+        if default is REQUIRED and key not in spec.options:
+            found.append(f"{spec.where}.{key}: required by type {spec.type!r} (not set)")
+    return found
+
+
+def _entries(config: Any) -> Mapping[str, Any]:
+    evals = config.get("evals", None) if hasattr(config, "get") else getattr(config, "evals", None)
+    return evals if evals is not None else {}
+
+
+def resolve_target(item: str, config: Any, where: str = "config.eval.targets") -> TargetSpec:
+    """The :class:`TargetSpec` of one entry of ``config.eval.targets`` / ``--targets``.
+
+    ``item`` is the name of a ``config.evals`` entry (``{type: ..., <options>}``;
+    ``type`` defaults to the entry's name), a type name (all options default:
+    ``lfw_dev``, ``synthetic``, ``sop``, ...) or ``'<type>:<value>'`` setting
+    the type's positional option (``bin:agedb_30``, ``ijbc:/data/IJB_release/IJBC``).
+    Options are checked here; the data is not touched.
+
+    Raises:
+      TargetError: (a ValueError) naming ``where`` (the entry / field), with close matches.
+    """
+    if not isinstance(item, str) or not item:
+        raise TargetError([f"{where}={item!r}: a target must be a non-empty string"])
+    entries = _entries(config)
+    if item in entries:
+        entry = entries[item]
+        options = dict(entry.items()) if hasattr(entry, "items") else None
+        if options is None:
+            raise TargetError([f"config.evals.{item}={entry!r}: an entry must be a dict "
+                               "{'type': ..., <options>}"])
+        type_name = str(options.pop("type", item))
+        spec = TargetSpec(item, type_name, options, f"config.evals.{item}")
+    elif item in TYPES:
+        spec = TargetSpec(item, item, {}, where)
+        needs = [k for k, v in TYPES[item].options.items() if v is REQUIRED]
+        if needs:
+            raise TargetError([f"{where}={item!r}: type {item!r} needs {', '.join(needs)}: write "
+                               f"'{item}:<{needs[0]}>' or name a config.evals entry of this type"])
+    elif ":" in item and item.split(":", 1)[0] in TYPES:
+        type_name, value = item.split(":", 1)
+        kind = TYPES[type_name]
+        if kind.positional is None:
+            raise TargetError([f"{where}={item!r}: type {type_name!r} takes no ':<value>' "
+                               "(define a config.evals entry for its options)"])
+        if not value:
+            raise TargetError([f"{where}={item!r}: empty {kind.positional} after '{type_name}:'"])
+        spec = TargetSpec(item, type_name, {kind.positional: value}, where)
     else:
-        raise ValueError(f"unknown evaluation target {name!r}; known: "
-                         f"{', '.join(TARGET_NAMES + tuple(retrieval_targets.TARGETS))}")
-    evaluator = PairVerificationEvaluator(name, loader, batch_size)
-    _EVALUATORS[key] = evaluator
-    return evaluator
+        head = item.split(":", 1)[0]
+        names = sorted(set(TYPES) | set(entries))
+        raise TargetError([f"{where}: unknown evaluation target {item!r}{_suggest(head, names)}; "
+                         f"known types: {', '.join(TYPES)}"
+                         + (f"; config.evals entries: {', '.join(entries)}" if entries else "")
+                         + " (or '<type>:<path>', e.g. 'bin:agedb_30', 'ijbc:/data/IJB_release/IJBC')"])
+    found = option_problems(spec)
+    if found:
+        raise TargetError(found)
+    return spec
+
+
+def target_problems(config: Any, targets: Any = None) -> list[str]:
+    """Every fault of ``config.eval.targets`` (or ``targets``) and ``config.evals``, unraised."""
+    targets = tuple(config.eval.targets) if targets is None else targets
+    found = []
+    for i, item in enumerate(targets):
+        try:
+            resolve_target(item, config, f"config.eval.targets[{i}]")
+        except TargetError as e:
+            found.extend(e.problems)
+    return found
+
+
+def _options(spec: TargetSpec) -> dict[str, Any]:
+    out = {k: v for k, v in TYPES[spec.type].options.items() if v is not REQUIRED}
+    out.update({k: tuple(v) if isinstance(v, list) else v for k, v in spec.options.items()})
+    return out
+
+
+_EVALUATORS: dict[tuple, Evaluator] = {}
+
+
+def _memo_key(spec: TargetSpec, options: Mapping[str, Any], config: Any) -> tuple:
+    syn = config.dataset.synthetic
+    return (spec.name, spec.type, tuple(sorted(options.items())),
+            os.path.abspath(os.fspath(config.eval.data_root)), os.fspath(config.eval.bin_dir),
+            int(config.eval.batch_size), int(config.image_size), int(config.seed),
+            int(syn.num_identities), int(syn.heldout_identities), int(syn.samples_per_identity),
+            retrieval_targets.data_dir_of(config), str(config.dataset.get("resize_to", None)),
+            str(config.dataset.get("normalize", None)))
+
+
+def build_evaluator(target: str | TargetSpec, config: Any) -> Evaluator:
+    """The evaluator of a target (:func:`resolve_target`); memoised per target, options and config values."""
+    spec = target if isinstance(target, TargetSpec) else resolve_target(target, config)
+    options = _options(spec)
+    key = _memo_key(spec, options, config)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = TYPES[spec.type].build(spec.name, config, options)
+    return _EVALUATORS[key]
 
 
 def run_targets(names, embed_fn: EmbedFn, config: Any,
                 out_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
-    """Runs each target in ``names``; returns ``{name: metrics}`` in that order."""
+    """Runs each target of ``names`` (comma-separated or a sequence); returns ``{name: metrics}`` in order.
+
+    Every target is resolved (and its options checked) before the first one
+    runs, so a typo in the last target costs no evaluation time. With several
+    processes every process must call this with the same targets (the
+    embedding is shared, :mod:`.embedding`); all get the same results.
+    """
     if isinstance(names, str):
         names = [n for n in names.split(",") if n]
-    return {name: build_evaluator(name, config).run(embed_fn, out_dir) for name in names}
+    specs = [resolve_target(n, config, f"target {n!r}") for n in names]
+    return {spec.name: build_evaluator(spec, config).run(embed_fn, out_dir) for spec in specs}
+
+
+# ---- the built-in types
+def _or(value: str, default: str) -> str:
+    return value if value else default
+
+
+def _pair(loader_fn) -> Callable[[str, Any, dict], Evaluator]:
+    def build(name: str, config: Any, o: dict) -> Evaluator:
+        return PairVerificationEvaluator(name, loader_fn(config, o), int(config.eval.batch_size))
+
+    return build
+
+
+_DATA_ROOT = {"data_root": ""}  # "" = config.eval.data_root
+
+register("lfw_dev", TargetType(
+    _pair(lambda c, o: _lfw_loader(c, _or(o["data_root"], c.eval.data_root),
+                                   "data_root" if o["data_root"] else "config.eval.data_root")),
+    _DATA_ROOT, summary="LFW View 1 test pairs (<data_root>/lfw), 10 balanced folds"))
+for _proto in ("fp", "ff"):
+    register(f"cfp_{_proto}", TargetType(
+        _pair(lambda c, o, p=_proto.upper(): _cfp_loader(
+            c, p, _or(o["data_root"], c.eval.data_root),
+            "data_root" if o["data_root"] else "config.eval.data_root")),
+        _DATA_ROOT, summary=f"CFP {_proto.upper()} (<data_root>/cfp), official 10 folds"))
+register("lfw_people_test", TargetType(
+    lambda name, c, o: AllPairsVerificationEvaluator(
+        name, _lfw_people_loader(c, _or(o["data_root"], c.eval.data_root),
+                                 "data_root" if o["data_root"] else "config.eval.data_root"),
+        int(c.eval.batch_size)),
+    _DATA_ROOT, summary="every pair of LFW View 1 peopleDevTest faces, TAR @ FAR"))
+register("synthetic", TargetType(
+    _pair(lambda c, o: _synthetic_loader(
+        c, o["num_pairs"], o["seed"] if o["seed"] >= 0 else int(c.seed) + SYNTHETIC_SEED_OFFSET)),
+    {"num_pairs": SYNTHETIC_NUM_PAIRS, "seed": -1},
+    summary="held-out synthetic identities (seed -1 = config.seed + 7919)"))
+register("bin", TargetType(
+    _pair(lambda c, o: _bin_loader(c, o["path"], _or(o["bin_dir"], os.fspath(c.eval.bin_dir)))),
+    {"path": REQUIRED, "bin_dir": ""}, positional="path",
+    summary="an insightface .bin (bin_dir '' = config.eval.bin_dir)"))
+
+
+def _recall_build(dataset: str):
+    def build(name: str, config: Any, o: dict) -> Evaluator:
+        return retrieval_targets.build_evaluator(dataset, config, data_dir=o["data_dir"],
+                                                 ks=tuple(int(k) for k in o["ks"]), name=name)
+
+    return build
+
+
+for _ds in retrieval_targets.TARGETS:
+    register(_ds, TargetType(_recall_build(_ds), {"data_dir": "", "ks": ()}, positional="data_dir",
+                             summary=f"Recall@K on the prepared {_ds} test split(s)"))
+
+TARGET_NAMES = tuple(TYPES)
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
@@ -424,3 +668,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) ->
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+# The benchmark types (ijbb, ijbc, megaface, ytf) register themselves.
+from broadface_jax.evaluation import benchmark_targets  # noqa: E402,F401
