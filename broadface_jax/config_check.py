@@ -7,7 +7,7 @@ what is allowed::
 
     config has 2 invalid fields:
       config.queue.chunk_size=-2: must be an integer >= 0 (0 = unchunked)
-      config.loss.name='arcfase': must be one of 'arcface', 'cosface', 'combined' (did you mean 'arcface'?)
+      config.loss.name='arcfase': must be one of 'arcface', 'cosface', 'combined', 'curricularface' (did you mean 'arcface'?)
 
 It runs in milliseconds and imports neither TensorFlow nor a model: the
 entry points call it before the workdir, ``metrics.jsonl`` or TensorBoard
@@ -27,7 +27,6 @@ import math
 import os
 from typing import Any, Callable, Iterable
 
-LOSS_NAMES = ("arcface", "cosface", "combined")
 OPTIMIZER_NAMES = ("sgd", "adam")
 CLASSIFIER_SHARDINGS = ("replicated", "model", "all")
 DATASET_KINDS = ("tfds", "synthetic")
@@ -98,6 +97,14 @@ def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool =
     return check
 
 
+def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        why = None if v is None else rule(v)
+        return f"{why} or None (the loss's default)" if why else None
+
+    return check
+
+
 def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be True or False"
 
@@ -124,6 +131,24 @@ def _targets(v: Any) -> str | None:
     if not all(isinstance(t, str) and t for t in v):
         return "must hold non-empty target names"
     return None
+
+
+def _target_problems(config: Any) -> list[str]:
+    """Each target of ``config.eval.targets`` and each ``config.evals`` entry: type and options.
+
+    The evaluation registry resolves them (no data is read); its messages name
+    the entry and option at fault, with close matches.
+    """
+    from broadface_jax.evaluation import targets  # light: NumPy only
+
+    present, names = _field(config, "eval.targets")
+    names = tuple(names) if present and _targets(names) is None else ()
+    found = targets.target_problems(config, names)
+    _, entries = _field(config, "evals")
+    for name in (entries or {}):
+        if name not in names:  # not run, but a typo in it is still an error
+            found += targets.target_problems(config, (name,))
+    return found
 
 
 def _target_problems(config: Any) -> list[str]:
@@ -186,18 +211,25 @@ def problems(config: Any) -> list[str]:
     check("model.width", _number(0, lo_open=True))
     check("model.dropout", _number(0, 1, hi_open=True))
     check("model.dtype", _one_of(("float32", "bfloat16")))
+    check("model.batch_norm", _one_of(models.BATCH_NORM_MODES))
 
-    check("loss.name", _one_of(LOSS_NAMES))
+    from broadface_jax import losses  # light: the loss modules load on demand
+
+    check("loss.name", _one_of(losses.names()))
     check("loss.s", _number(0, lo_open=True))
-    check("loss.m1", _number(0, lo_open=True))
-    check("loss.m2", _number(0, math.pi, hi_open=True))
-    check("loss.m3", _number(0, 2, hi_open=True))
+    check("loss.m1", _optional(_number(0, lo_open=True)))
+    check("loss.m2", _optional(_number(0, math.pi, hi_open=True)))
+    check("loss.m3", _optional(_number(0, 2, hi_open=True)))
+    present, loss_config = _field(config, "loss")
+    if present:
+        found.extend(losses.field_problems(loss_config))
 
     check("queue.size_per_device", _int_at_least(0, " (0 = no queue: plain ArcFace/CosFace)"))
     check("queue.compensate", _bool)
     check("queue.chunk_size", _int_at_least(0, " (0 = unchunked)"))
 
-    check("num_classes", _int_at_least(2))
+    check("num_classes", lambda v: None if _is_int(v) and (v == 0 or v >= 2) else
+          "must be an integer >= 2, or 0 to take it from the data set's metadata")
     check("per_device_batch_size", _int_at_least(1))
     _, name = _field(config, "model.name")
     min_size = MIN_IMAGE_SIZE.get(name, DEFAULT_MIN_IMAGE_SIZE)
@@ -254,8 +286,10 @@ def problems(config: Any) -> list[str]:
     for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         check(field, lambda v: None if _is_int(v) else
               "must be an integer number of steps (0 or less: only at the end)")
+    check("profile_steps", _int_at_least(0, " (0 = no profile)"))
     check("keep_checkpoints", _int_at_least(0, " (0 = keep all)"))
     check("eval.targets", _targets)
+    found.extend(_target_problems(config))
     found.extend(_target_problems(config))
     check("eval.batch_size", _int_at_least(1))
     check("eval.data_root", _string)

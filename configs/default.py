@@ -12,6 +12,7 @@ full list of fields lives in one place. Unknown fields are an error
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,14 +26,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.width = 1.0  # width multiplier (tiny CPU models use e.g. 0.125)
     c.model.dropout = 0.0
     c.model.dtype = "float32"  # compute dtype of the encoder: float32 | bfloat16
+    # train-mode BatchNorm statistics: global (over the global batch: an all-reduce per BN
+    # layer, forward and backward) | per_device (each device's rows, as arcface_torch's
+    # per-GPU BN under DDP; running stats = mean over devices). Eval mode is the same.
+    c.model.batch_norm = "global"
 
-    # ---- loss: combined margin  s * (cos(m1 * theta + m2) - m3)
+    # ---- loss: broadface_jax.losses.REGISTRY, used for the batch and the queue terms
+    #   arcface         s * cos(theta_y + m2)                      uses s, m2 (default 0.5)
+    #   cosface         s * (cos(theta_y) - m3)                    uses s, m3 (default 0.35)
+    #   combined        s * (cos(m1 * theta_y + m2) - m3)          uses s, m1, m2, m3
+    #                                                              (defaults 1.0, 0.3, 0.2)
+    #   curricularface  ArcFace target, hard negatives cos(t + cos), t an EMA of the
+    #                   mean positive cosine (state in TrainState.loss_state)
+    #                                                              uses s, m2 (default 0.5)
+    # m1/m2/m3 = None take the loss's default; setting one the loss does not use is an error.
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "arcface"  # arcface | cosface | combined
+    c.loss.name = "arcface"
     c.loss.s = 64.0
-    c.loss.m1 = 1.0
-    c.loss.m2 = 0.5
-    c.loss.m3 = 0.0
+    c.loss.m1 = config_dict.placeholder(float)
+    c.loss.m2 = config_dict.placeholder(float)
+    c.loss.m3 = config_dict.placeholder(float)
 
     # ---- BroadFace queue (per device: the paper's "8,192 per GPU")
     c.queue = ml_collections.ConfigDict()
@@ -43,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.queue.chunk_size = 2048
 
     # ---- data
-    c.num_classes = 85742  # MS1MV2
+    c.num_classes = 85742  # MS1MV2; 0 = from the prepared data set's metadata (checked against it)
     c.per_device_batch_size = 128
     c.image_size = 112
     c.dataset = ml_collections.ConfigDict()
@@ -51,7 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.tfds_name = "insightface_rec"  # a builder from broadface_jax.datasets
     c.dataset.data_dir = ""  # TFDS data_dir ("" = TFDS default)
     c.dataset.split = "train"
-    c.dataset.shuffle_buffer = 20_000
     c.dataset.random_flip = True
     # face: resize to image_size (if needed) + flip | retrieval: resize to resize_to^2, random
     # resized crop to image_size + flip (broadface_jax/input_pipeline.py; configs/retrieval.py)
@@ -96,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- loop, logging, checkpoints, evaluation
     c.log_every_steps = 100
+    # > 0: trace that many steps for TensorBoard's profile tab (workdir/tensorboard), from
+    # the 5th step after the run (re)starts, so compilation stays out of the trace
+    c.profile_steps = 0
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3
     c.eval_every_steps = 10_000
