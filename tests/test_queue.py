@@ -111,6 +111,36 @@ def test_chunked_and_unchunked_queue_loss_agree():
         assert n == float(np.asarray(q.valid).sum())
 
 
+def np_drift(q, kernel):
+    """float64 sum over valid rows of cos(W⁻_j, W_{y_j}), and the valid count."""
+    w_old, lab = np.asarray(q.weights, np.float64), np.asarray(q.labels)
+    w_cur = np.asarray(kernel, np.float64)[lab]
+    cos = np.sum(w_old * w_cur, 1) / (np.linalg.norm(w_old, axis=1) * np.linalg.norm(w_cur, axis=1))
+    valid = np.asarray(q.valid)
+    return cos[valid].sum(), valid.sum()
+
+
+def test_queue_drift_matches_float64():
+    """Drift of the stored rows W⁻ from the current rows of their labels, over valid rows only.
+
+    Invalid rows hold random W⁻ too (as after wrapping or relayout), so a sum over
+    every row, or cos(W⁻, W⁻), or the compensated rows, would all differ.
+    """
+    rng = np.random.default_rng()
+    capacity, d, c, shards = 48, 6, 9, 2
+    q = _random_queue(rng, capacity, d, c, shards, valid_frac=0.5)
+    assert 0 < int(np.asarray(q.valid).sum()) < capacity
+    kernel = jnp.asarray(rng.normal(size=(c, d)) * 0.05, jnp.float32)
+    loss = losses.build({"name": "arcface", "s": 64.0})
+    fn = jax.jit(lambda k, chunk: queue_lib.queue_loss_sum(
+        q, k, losses.l2_normalize(k), loss, chunk_size=chunk), static_argnums=1)
+    want, n_want = np_drift(q, kernel)
+    for chunk in (0, 8):
+        _, drift, n = fn(kernel, chunk)
+        np.testing.assert_allclose(float(drift), want, rtol=1e-5, atol=1e-5)
+        assert float(n) == n_want
+
+
 def test_queue_loss_has_no_gradient_through_compensation():
     """Eq. 7 is data: d loss / d W equals the gradient with e* frozen as constants."""
     rng = np.random.default_rng()
