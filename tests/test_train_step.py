@@ -9,7 +9,8 @@ import pytest
 
 from broadface_jax import losses, sharding, train_step
 from configs import default
-from tests.np_reference import np_compensate, np_margin_ce
+from tests.np_reference import (np_central_gradient, np_compensate, np_curricular_ce,
+                                np_margin_ce)
 from tests.tiny_encoder import TinyEncoder
 
 C, D, IMG = 11, 6, 8
@@ -150,6 +151,63 @@ def test_encoder_sees_batch_only_and_classifier_gradient_is_eq9():
     np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
     # ...and the classifier does depend on the queue
     assert not np.allclose(results[0][1]["classifier"]["kernel"], new_params["classifier"]["kernel"])
+
+
+def test_curricularface_broadface_step_matches_float64():
+    """A stateful loss outside the combined-margin family, through the BroadFace step.
+
+    One step with a part-filled queue: t's EMA from the batch, Eq. 9 (batch and
+    compensated queue scored with the updated t), Eq. 8's loss_encoder, the
+    classifier's gradient (float64 central differences, t and e* held fixed as
+    the step holds them) and queue_drift, all against float64 NumPy.
+    """
+    rng = np.random.default_rng()
+    model = TinyEncoder(embedding_dim=D)
+    cfg = tiny_config(per_device_batch=6, queue=12, chunk=6)
+    cfg.loss.name = "curricularface"
+    cfg.loss.s, s, m = 32.0, 32.0, 0.5  # m2 unset: CurricularFace's default 0.5
+    cfg.optimizer.classifier.momentum = 0.0  # W_new = W - dL/dW
+    cfg.optimizer.classifier.weight_decay = 0.0
+    cfg.optimizer.classifier.lr_scale = 1.0 / cfg.lr
+    mesh = one_device_mesh(cfg)
+    state, sh = train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(2), model=model)
+    assert float(state.loss_state["t"]) == 0.0
+    t0 = rng.uniform(0.1, 0.5)
+    state = state.replace(params={**state.params, "classifier": {
+        "kernel": jnp.asarray(rng.normal(size=(C, D)), jnp.float32)}},
+        loss_state={"t": jnp.float32(t0)})
+    s_host = host(fill_queue_randomly(state, rng, 0.6))
+    batch = random_batch(rng, 6)
+    step = train_step.make_train_step(cfg, mesh, sh, model=model)
+    new, metrics = step(jax.device_put(s_host, sh), sharding.shard_batch(batch, mesh))
+
+    emb, _ = model.apply({"params": s_host.params["encoder"], "batch_stats": s_host.batch_stats},
+                         batch["image"], train=True, mutable=["batch_stats"],
+                         rngs={"dropout": jax.random.fold_in(s_host.rng, 0)})
+    emb, y = np.asarray(emb, np.float64), batch["label"]
+    W = np.asarray(s_host.params["classifier"]["kernel"], np.float64)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    t1 = 0.01 * np.mean(np.sum(unit(emb) * unit(W)[y], 1)) + 0.99 * t0
+    np.testing.assert_allclose(float(new.loss_state["t"]), t1, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss_state_t"]), t1, rtol=1e-5)
+
+    valid = np.asarray(s_host.queue.valid)
+    w_old = np.asarray(s_host.queue.weights, np.float64)[valid]
+    ql = np.asarray(s_host.queue.labels)[valid]
+    e_star = np_compensate(np.asarray(s_host.queue.embeddings, np.float64)[valid], w_old, W[ql])
+
+    def eq9(Wm):
+        return (np_curricular_ce(emb, Wm, y, t1, s, m).sum()
+                + np_curricular_ce(e_star, Wm, ql, t1, s, m).sum()) / (len(y) + valid.sum())
+
+    np.testing.assert_allclose(float(metrics["loss_classifier"]), eq9(W), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss_encoder"]),
+                               np_curricular_ce(emb, W, y, t1, s, m).mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["queue_drift"]),
+                               np.mean(np.sum(unit(w_old) * unit(W[ql]), 1)), rtol=1e-5)
+    g_ref = np_central_gradient(eq9, W)
+    g = W - np.asarray(new.params["classifier"]["kernel"], np.float64)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
 
 
 def test_ring_buffer_through_the_step_compiles_once():
