@@ -136,6 +136,7 @@ def test_targets_match_reference_on_prepared_data(prepared):
     ref = brute_force_recall(f, lab, ks=retrieval_targets.CUB_CARS_KS)
     assert [results["cub200"][f"recall@{k}"] for k in (1, 2, 4, 8)] == pytest.approx(list(ref.values()))
 
+
     table = evaluation.format_table(results)
     assert "| sop " in table and "recall@1000" in table and "recall@50" in table
 
@@ -150,3 +151,14 @@ def test_target_errors(prepared, tmp_path):
         evaluation.run_targets(["sop"], embed_fn, config)
     with pytest.raises(ValueError, match=r"unknown evaluation target 'sopp'.*sop, inshop, cub200, cars196"):
         evaluation.build_evaluator("sopp", config)
+
+
+def test_recall_type_from_a_config_entry(prepared):
+    """c.evals entry: type 'sop' with its own data_dir and ks (config.eval.tfds_data_dir unset)."""
+    config = _config(prepared)
+    config.eval.tfds_data_dir, config.dataset.data_dir = "", ""
+    config.evals.products = dict(type="sop", data_dir=str(prepared), ks=(1, 2, 3))
+    got = evaluation.run_targets(["products"], embed_fn, config)["products"]
+    f, lab = _reference_features(prepared, "sop", "test")
+    ref = brute_force_recall(f, lab, ks=(1, 2, 3))
+    assert got == pytest.approx({f"recall@{k}": v for k, v in ref.items()})
