@@ -210,6 +210,37 @@ def test_curricularface_broadface_step_matches_float64():
     np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
 
 
+@pytest.mark.slow  # ~6 s unloaded (state init + one step compile + orbax save/restore); 23 s on 2 busy cores
+def test_loss_state_and_applied_lr_resume_from_a_checkpoint(tmp_path):
+    """CurricularFace's t and the injected lr schedule's count travel with the checkpoint."""
+    from broadface_jax import checkpointing
+
+    rng = np.random.default_rng()
+    model = TinyEncoder(embedding_dim=D)
+    cfg = tiny_config(per_device_batch=4, queue=8, chunk=0)
+    cfg.loss.name = "curricularface"
+    cfg.lr_boundaries, cfg.lr_decay = (2,), 0.5  # the resumed step 2 must use lr/2
+    mesh = one_device_mesh(cfg)
+    state, sh = train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(4), model=model)
+    step = train_step.make_train_step(cfg, mesh, sh, model=model)
+    batches = [sharding.shard_batch(random_batch(rng, 4), mesh) for _ in range(3)]
+    for b in batches[:2]:
+        state, _ = step(state, b)
+    assert float(state.loss_state["t"]) != 0.0
+    manager = checkpointing.create_manager(tmp_path, max_to_keep=1)
+    checkpointing.save(manager, 2, state, force=True)
+    checkpointing.wait(manager)
+    abstract, _ = train_step.abstract_train_state(cfg, mesh, model)
+    restored = checkpointing.restore(tmp_path, checkpointing.abstract_like(abstract, sh))
+    chex.assert_trees_all_equal(host(restored.loss_state), host(state.loss_state))
+    chex.assert_trees_all_equal(host(restored.opt_state), host(state.opt_state))
+    a, m_a = step(state, batches[2])
+    b, m_b = step(restored, batches[2])
+    assert float(m_b["lr"]) == pytest.approx(cfg.lr * 0.5)
+    chex.assert_trees_all_equal(host(m_a), host(m_b))
+    chex.assert_trees_all_equal(host(a.params), host(b.params))
+
+
 def test_ring_buffer_through_the_step_compiles_once():
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
