@@ -210,7 +210,7 @@ def test_curricularface_broadface_step_matches_float64():
     np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
 
 
-@pytest.mark.slow  # ~6 s unloaded (state init + one step compile + orbax save/restore); 23 s on 2 busy cores
+@pytest.mark.slow  # state init + step compile + orbax save/restore: 23 s measured on 2 shared cores
 def test_loss_state_and_applied_lr_resume_from_a_checkpoint(tmp_path):
     """CurricularFace's t and the injected lr schedule's count travel with the checkpoint."""
     from broadface_jax import checkpointing
