@@ -28,15 +28,12 @@ import os
 from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from broadface_jax import distributed  # defines the multi-host flags
+from broadface_jax import cli, distributed  # distributed defines the multi-host flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run's directory; results go to <workdir>/eval.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config of the run (configs/X.py or configs/X.py:variant).",
-    lock_config=True)
+_CONFIG = cli.define_config_flag("Config of the run (configs/X.py or configs/X.py:variant).")
 _TARGETS = flags.DEFINE_list(
     "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
     "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
@@ -124,16 +121,17 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax.evaluation import targets as targets_lib
 
     targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
-    problems = targets_lib.target_problems(config, targets)
+    problems = targets_lib.target_problems(
+        config, targets, "--targets" if _TARGETS.value else "config.eval.targets")
     if problems:
         cli.fail("\n".join(problems), cli.EXIT_USAGE)
     try:
         checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
     except FileNotFoundError as e:
         cli.fail(str(e), cli.EXIT_USAGE)
-    import tensorflow as tf
+    from broadface_jax import input_pipeline
 
-    tf.config.set_visible_devices([], "GPU")  # image decoding beside JAX
+    input_pipeline.hide_gpus_from_tensorflow()  # image decoding beside JAX
     distributed.maybe_initialize()
 
     from broadface_jax import evaluation

@@ -12,7 +12,10 @@ normalised images, flip-sum, set means, the 10-fold protocol.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +25,8 @@ from broadface_jax.evaluation import targets, verification
 from tests import eval_folders
 from tests.test_train import load_config
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "interop"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "interop"
 RANKS = str(FIXTURES / "checkpoint_gpu_*.pt")
 
 
@@ -71,3 +75,17 @@ def test_evaluate_checkpoint_on_entry_and_inline_targets(tmp_path, monkeypatch):
     # evaluate's main checks every target before loading anything: a typo is a usage error.
     problems = targets.target_problems(config, ["ytf_smal"])
     assert problems and "did you mean 'ytf_small'" in problems[0]
+
+
+def test_evaluate_main_checks_targets_before_anything(tmp_path):
+    """`python -m broadface_jax.evaluate --targets ...`: each bad target named, exit 2, no checkpoint read."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "broadface_jax.evaluate", "--config",
+                           "configs/demo.py:smoke", "--workdir", str(tmp_path / "none"),
+                           "--targets", "ijbcc:/x,synthetic,ijbc"],
+                          cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--targets[0]: unknown evaluation target 'ijbcc:/x' (did you mean 'ijbc'" in proc.stderr
+    assert "--targets[2]='ijbc': type 'ijbc' needs root: write 'ijbc:<root>'" in proc.stderr
+    assert "--targets[1]" not in proc.stderr  # a good target is not reported
+    assert "no checkpoint found" not in proc.stderr  # the targets are checked first

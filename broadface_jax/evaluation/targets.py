@@ -539,13 +539,13 @@ def resolve_target(item: str, config: Any, where: str = "config.eval.targets") -
     return spec
 
 
-def target_problems(config: Any, targets: Any = None) -> list[str]:
-    """Every fault of ``config.eval.targets`` (or ``targets``) and ``config.evals``, unraised."""
+def target_problems(config: Any, targets: Any = None, field: str = "config.eval.targets") -> list[str]:
+    """Every fault of ``config.eval.targets`` (or ``targets``, named ``field`` in messages), unraised."""
     targets = tuple(config.eval.targets) if targets is None else targets
     found = []
     for i, item in enumerate(targets):
         try:
-            resolve_target(item, config, f"config.eval.targets[{i}]")
+            resolve_target(item, config, f"{field}[{i}]")
         except TargetError as e:
             found.extend(e.problems)
     return found
