@@ -28,12 +28,15 @@ import os
 from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from broadface_jax import cli, distributed  # distributed defines the multi-host flags
+from broadface_jax import distributed  # defines the multi-host flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run's directory; results go to <workdir>/eval.")
-_CONFIG = cli.define_config_flag("Config of the run (configs/X.py or configs/X.py:variant).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config of the run (configs/X.py or configs/X.py:variant).",
+    lock_config=True)
 _TARGETS = flags.DEFINE_list(
     "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
     "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
@@ -129,9 +132,9 @@ def main(argv: Sequence[str]) -> None:
         checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
     except FileNotFoundError as e:
         cli.fail(str(e), cli.EXIT_USAGE)
-    from broadface_jax import input_pipeline
+    import tensorflow as tf
 
-    input_pipeline.hide_gpus_from_tensorflow()  # image decoding beside JAX
+    tf.config.set_visible_devices([], "GPU")  # image decoding beside JAX
     distributed.maybe_initialize()
 
     from broadface_jax import evaluation
