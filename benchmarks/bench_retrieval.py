@@ -92,7 +92,8 @@ def bench_pipeline(data_dir: str, batches: int, warmup: int) -> tuple[float, flo
     from broadface_jax import datasets
     builder = datasets.get_builder("sop", data_dir)
     t0, m = time.perf_counter(), 0
-    for images, _ in evaluator.batches(builder, "train"):
+    source = evaluator.source(builder, "train")  # the evaluators' TFDS source
+    for images, _ in source.batches(0, len(source), evaluator.batch_size):
         m += images.shape[0]
     eval_rate = m / (time.perf_counter() - t0)
     return train_rate, eval_rate, m
