@@ -7,6 +7,13 @@ on NHWC float images normalised to ``(x/255 - 0.5)/0.5`` and returns the
 live in ``batch_stats``; the FC layer infers its input size, so any input
 resolution works.
 
+``model.batch_norm`` chooses the train-mode BatchNorm statistics: 'global'
+(over the whole global batch; under data parallelism XLA all-reduces them in
+every BN layer, forward and backward) or 'per_device' (over each device's
+shard of the batch, as arcface_torch's per-GPU BatchNorm under DDP; see
+:class:`layers.GroupedBatchNorm`). Eval mode (running statistics) is the
+same code in both.
+
 Adding a backbone = one file in this package + one line in :data:`REGISTRY`.
 Backbone modules are imported on first use, so importing this package is cheap.
 """
@@ -30,6 +37,8 @@ REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 _DTYPES = ("float32", "bfloat16")
+#: ``model.batch_norm`` values (see the module docstring).
+BATCH_NORM_MODES = ("global", "per_device")
 
 
 def _field(model_config: Any, name: str) -> Any:
@@ -42,14 +51,21 @@ def _field(model_config: Any, name: str) -> Any:
         raise ValueError(f"model config has no field {name!r}") from e
 
 
-def build_encoder(model_config: Any) -> Any:
+def build_encoder(model_config: Any, batch_shards: int | None = None) -> Any:
     """Builds the encoder ``flax.linen.Module`` named by ``model_config``.
 
     Args:
       model_config: fields ``name`` (a key of :data:`REGISTRY`),
         ``embedding_dim``, ``width`` (channel multiplier > 0), ``dropout``
         (in [0, 1)), ``dtype`` ('float32' or 'bfloat16': the compute dtype;
-        parameters are always float32).
+        parameters are always float32) and optionally ``batch_norm`` (one of
+        :data:`BATCH_NORM_MODES`; 'global' when absent, as configs written
+        before the field existed).
+      batch_shards: how many devices the train batch is split over (its
+        leading axis, in device order): the number of BatchNorm groups in
+        'per_device' mode; ignored in 'global' mode. Without it a
+        'per_device' encoder still initialises and evaluates (eval mode does
+        not group) but refuses to train.
 
     Raises:
       ValueError: naming the field and value at fault.
@@ -72,11 +88,21 @@ def build_encoder(model_config: Any) -> Any:
     dtype = _field(model_config, "dtype")
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {_DTYPES}, got {dtype!r}")
+    try:
+        mode = _field(model_config, "batch_norm")
+    except ValueError:
+        mode = "global"
+    if mode not in BATCH_NORM_MODES:
+        raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got {mode!r}")
+    if batch_shards is not None and (not isinstance(batch_shards, int)
+                                     or isinstance(batch_shards, bool) or batch_shards < 1):
+        raise ValueError(f"batch_shards must be a positive int, got {batch_shards!r}")
+    bn_groups = 1 if mode == "global" else batch_shards
 
     module_name, class_name, fixed = REGISTRY[name]
     cls = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
     return cls(embedding_dim=embedding_dim, width=float(width), dropout=float(dropout),
-               dtype=jnp.dtype(dtype), **fixed)
+               dtype=jnp.dtype(dtype), bn_groups=bn_groups, **fixed)
 
 
 def count_params(params: Any) -> int:
@@ -90,4 +116,4 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["REGISTRY", "build_encoder", "count_params"]
+__all__ = ["BATCH_NORM_MODES", "REGISTRY", "build_encoder", "count_params"]

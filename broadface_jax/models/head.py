@@ -40,6 +40,8 @@ class EmbeddingHead(nn.Module):
       dtype: compute dtype of the first BN and dropout (the backbone's).
       fc_kernel_init: FC kernel initialiser; ``None`` = PyTorch's ``nn.Linear``
         default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
     """
 
     embedding_dim: int
@@ -48,11 +50,12 @@ class EmbeddingHead(nn.Module):
     learn_feature_scale: bool = False
     dtype: layers.Dtype = jnp.float32
     fc_kernel_init: nn.initializers.Initializer | None = None
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Maps features (B, ...) with channels last to (B, embedding_dim) float32."""
-        x = layers.batch_norm(train, self.dtype)(name="bn")(x)
+        x = layers.batch_norm(train, self.dtype, self.bn_groups)(name="bn")(x)
         x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
         fan_in = x.shape[-1]
@@ -65,5 +68,5 @@ class EmbeddingHead(nn.Module):
             bias_init=layers.torch_linear_bias_init(fan_in),
             name="fc",
         )(x)
-        return layers.batch_norm(train, jnp.float32, use_scale=self.learn_feature_scale)(
-            name="features")(x)
+        return layers.batch_norm(train, jnp.float32, self.bn_groups,
+                                 use_scale=self.learn_feature_scale)(name="features")(x)

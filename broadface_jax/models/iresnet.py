@@ -51,10 +51,11 @@ class IBasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = layers.batch_norm(train, self.dtype)
+        bn = layers.batch_norm(train, self.dtype, self.bn_groups)
         conv = lambda k, s, name: nn.Conv(  # noqa: E731 (a local shorthand)
             self.features, (k, k), strides=(s, s), padding=layers.pad(k // 2),
             use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
@@ -83,6 +84,8 @@ class IResNet(nn.Module):
       width: channel multiplier (1.0 = insightface).
       dropout: dropout rate in the head.
       dtype: compute dtype of the backbone (parameters are float32).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
     """
 
     stage_sizes: Sequence[int]
@@ -90,6 +93,7 @@ class IResNet(nn.Module):
     width: float = 1.0
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -98,14 +102,15 @@ class IResNet(nn.Module):
             layers.scale_channels(64, self.width), (3, 3), strides=(1, 1),
             padding=layers.pad(1), use_bias=False, dtype=self.dtype,
             param_dtype=jnp.float32, kernel_init=CONV_INIT, name="conv1")(x)
-        x = layers.batch_norm(train, self.dtype)(name="bn1")(x)
+        x = layers.batch_norm(train, self.dtype, self.bn_groups)(name="bn1")(x)
         x = layers.PReLU(name="prelu")(x)
         for stage, num_blocks in enumerate(self.stage_sizes):
             features = layers.scale_channels(64 * 2**stage, self.width)
             for block in range(num_blocks):
                 x = IBasicBlock(
                     features, strides=2 if block == 0 else 1, dtype=self.dtype,
-                    name=f"layer{stage + 1}_{block}")(x, train)
+                    bn_groups=self.bn_groups, name=f"layer{stage + 1}_{block}")(x, train)
         return EmbeddingHead(
             self.embedding_dim, dropout=self.dropout, fc_bias=True,
-            learn_feature_scale=False, dtype=self.dtype, name="head")(x, train)
+            learn_feature_scale=False, dtype=self.dtype, bn_groups=self.bn_groups,
+            name="head")(x, train)

@@ -63,12 +63,13 @@ class ConvBlock(nn.Module):
     groups: int = 1
     linear: bool = False
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = _conv(self.features, self.kernel, self.strides, self.padding,
                   self.groups, self.dtype, "conv")(x)
-        x = layers.batch_norm(train, self.dtype)(name="bn")(x)
+        x = layers.batch_norm(train, self.dtype, self.bn_groups)(name="bn")(x)
         if not self.linear:
             x = layers.PReLU(name="prelu")(x)
         return x
@@ -82,13 +83,15 @@ class DepthWise(nn.Module):
     strides: int = 1
     residual: bool = False
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = ConvBlock(self.expansion, dtype=self.dtype, name="expand")(x, train)
+        dt, g = self.dtype, self.bn_groups
+        y = ConvBlock(self.expansion, dtype=dt, bn_groups=g, name="expand")(x, train)
         y = ConvBlock(self.expansion, kernel=3, strides=self.strides, padding=1,
-                      groups=self.expansion, dtype=self.dtype, name="depthwise")(y, train)
-        y = ConvBlock(self.features, linear=True, dtype=self.dtype, name="project")(y, train)
+                      groups=self.expansion, dtype=dt, bn_groups=g, name="depthwise")(y, train)
+        y = ConvBlock(self.features, linear=True, dtype=dt, bn_groups=g, name="project")(y, train)
         return x + y if self.residual else y
 
 
@@ -102,6 +105,8 @@ class MobileFaceNet(nn.Module):
       width: channel multiplier applied to every channel count.
       dropout: dropout rate in the head.
       dtype: compute dtype of the backbone (parameters are float32).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
     """
 
     embedding_dim: int = 128
@@ -110,10 +115,11 @@ class MobileFaceNet(nn.Module):
     width: float = 1.0
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        w, dt = self.width, self.dtype
+        w, dt, g = self.width, self.dtype, self.bn_groups
         # The trunk widths are `scale` times a width-scaled base, so that the
         # grouped conv below (64 groups at width 1) always divides evenly.
         base1 = layers.scale_channels(64, w)
@@ -124,24 +130,25 @@ class MobileFaceNet(nn.Module):
 
         def stage(x: jax.Array, features: int, expansion: int, n: int, name: str) -> jax.Array:
             for i in range(n):
-                x = DepthWise(features, expansion, residual=True, dtype=dt,
+                x = DepthWise(features, expansion, residual=True, dtype=dt, bn_groups=g,
                               name=f"{name}_{i}")(x, train)
             return x
 
         x = x.astype(dt)
-        x = ConvBlock(c1, kernel=3, strides=2, padding=1, dtype=dt, name="conv1")(x, train)
+        x = ConvBlock(c1, kernel=3, strides=2, padding=1, dtype=dt, bn_groups=g,
+                      name="conv1")(x, train)
         if self.blocks[0] == 1:
-            x = ConvBlock(c1, kernel=3, padding=1, groups=base1, dtype=dt,
+            x = ConvBlock(c1, kernel=3, padding=1, groups=base1, dtype=dt, bn_groups=g,
                           name="conv2_dw")(x, train)
         else:
             x = stage(x, c1, e1, self.blocks[0], "stage0")
-        x = DepthWise(c1, e1, strides=2, dtype=dt, name="down1")(x, train)
+        x = DepthWise(c1, e1, strides=2, dtype=dt, bn_groups=g, name="down1")(x, train)
         x = stage(x, c1, e1, self.blocks[1], "stage1")
-        x = DepthWise(c2, e2, strides=2, dtype=dt, name="down2")(x, train)
+        x = DepthWise(c2, e2, strides=2, dtype=dt, bn_groups=g, name="down2")(x, train)
         x = stage(x, c2, e2, self.blocks[2], "stage2")
-        x = DepthWise(c2, e3, strides=2, dtype=dt, name="down3")(x, train)
+        x = DepthWise(c2, e3, strides=2, dtype=dt, bn_groups=g, name="down3")(x, train)
         x = stage(x, c2, e2, self.blocks[3], "stage3")
-        x = ConvBlock(c_sep, dtype=dt, name="conv_sep")(x, train)
+        x = ConvBlock(c_sep, dtype=dt, bn_groups=g, name="conv_sep")(x, train)
         # Global depthwise conv (GDConv): one kernel tap per spatial position.
         height, width = x.shape[1], x.shape[2]
         x = nn.Conv(
@@ -150,5 +157,5 @@ class MobileFaceNet(nn.Module):
             kernel_init=layers.kaiming_normal_fan_out, name="gdc_conv")(x)
         return EmbeddingHead(
             self.embedding_dim, dropout=self.dropout, fc_bias=False,
-            learn_feature_scale=True, dtype=dt,
+            learn_feature_scale=True, dtype=dt, bn_groups=g,
             fc_kernel_init=layers.kaiming_normal_fan_out, name="head")(x, train)

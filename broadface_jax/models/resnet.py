@@ -54,10 +54,11 @@ class Bottleneck(nn.Module):
     features: int
     strides: int = 1
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = layers.batch_norm(train, self.dtype)
+        bn = layers.batch_norm(train, self.dtype, self.bn_groups)
         out_features = self.features * EXPANSION
         y = nn.relu(bn(name="bn1")(_conv(self.features, 1, 1, self.dtype, "conv1")(x)))
         y = nn.relu(bn(name="bn2")(_conv(self.features, 3, self.strides, self.dtype, "conv2")(y)))
@@ -78,6 +79,8 @@ class ResNet(nn.Module):
       width: channel multiplier (1.0 = torchvision).
       dropout: dropout rate in the head.
       dtype: compute dtype of the backbone (parameters are float32).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
     """
 
     stage_sizes: Sequence[int]
@@ -85,20 +88,23 @@ class ResNet(nn.Module):
     width: float = 1.0
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
         x = _conv(layers.scale_channels(64, self.width), 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(layers.batch_norm(train, self.dtype)(name="bn1")(x))
+        x = nn.relu(layers.batch_norm(train, self.dtype, self.bn_groups)(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=layers.pad(1))
         for stage, num_blocks in enumerate(self.stage_sizes):
             features = layers.scale_channels(64 * 2**stage, self.width)
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = Bottleneck(features, strides=strides, dtype=self.dtype,
+                               bn_groups=self.bn_groups,
                                name=f"layer{stage + 1}_{block}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pooling -> (B, C)
         return EmbeddingHead(
             self.embedding_dim, dropout=self.dropout, fc_bias=True,
-            learn_feature_scale=False, dtype=self.dtype, name="head")(x, train)
+            learn_feature_scale=False, dtype=self.dtype, bn_groups=self.bn_groups,
+            name="head")(x, train)
