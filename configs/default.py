@@ -77,7 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.synthetic.heldout_identities = 0
     c.dataset.synthetic.samples_per_identity = 0
 
-    # ---- optimisation (separate settings for encoder and classifier)
+    # ---- optimisation (separate settings for encoder and classifier; train_step.make_optimizer)
+    # lr at step s: lr * lr_decay ** #{b in lr_boundaries: b <= s}, times each part's
+    # lr_scale; warmup_steps w > 0 ramps lr * (s + 1) / w over the first w steps.
+    # sgd is PyTorch's: g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf.
     c.total_steps = 80_000
     c.lr = 5e-3
     c.lr_boundaries = (50_000, 70_000)
@@ -88,7 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="sgd", momentum=0.9, weight_decay=5e-4, lr_scale=1.0))
     c.optimizer.classifier = ml_collections.ConfigDict(
         dict(name="sgd", momentum=0.9, weight_decay=5e-4, lr_scale=1.0))
-    c.grad_clip_norm = 0.0  # 0 = off
+    # 0 = off; > 0 clips each part (encoder, classifier) separately to this L2 norm over
+    # that part's gradient, before weight decay (insightface: 5 on the backbone only)
+    c.grad_clip_norm = 0.0
 
     # ---- sharding: mesh axes and regex -> PartitionSpec rules
     c.mesh = ml_collections.ConfigDict()
