@@ -40,7 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TARGETS = flags.DEFINE_list(
     "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
     "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
-    "ijbb:, ijbc:, megaface:, ytf:); default: config.eval.targets.")
+    "ijbb:, ijbc:, megaface:, ytf:); default: config.eval.targets. 'list': print every type "
+    "with its options.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint to evaluate (workdir, checkpoints folder or step "
     "folder); default: the latest in --workdir.")
@@ -124,6 +125,9 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax.evaluation import targets as targets_lib
 
     targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
+    if targets == ["list"]:
+        print(targets_lib.describe_types(), flush=True)
+        return
     problems = targets_lib.target_problems(
         config, targets, "--targets" if _TARGETS.value else "config.eval.targets")
     if problems:

@@ -89,3 +89,10 @@ def test_evaluate_main_checks_targets_before_anything(tmp_path):
     assert "--targets[2]='ijbc': type 'ijbc' needs root: write 'ijbc:<root>'" in proc.stderr
     assert "--targets[1]" not in proc.stderr  # a good target is not reported
     assert "no checkpoint found" not in proc.stderr  # the targets are checked first
+
+    proc = subprocess.run([sys.executable, "-m", "broadface_jax.evaluate", "--config",
+                           "configs/demo.py:smoke", "--workdir", str(tmp_path), "--targets", "list"],
+                          cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ijbc: IJBC 1:1 template verification" in proc.stdout
+    assert "options: root=<required>, flip=True, normalize_images=False" in proc.stdout

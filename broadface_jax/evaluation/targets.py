@@ -648,7 +648,14 @@ for _ds in retrieval_targets.TARGETS:
     register(_ds, TargetType(_recall_build(_ds), {"data_dir": "", "ks": ()}, positional="data_dir",
                              summary=f"Recall@K on the prepared {_ds} test split(s)"))
 
-TARGET_NAMES = tuple(TYPES)
+def describe_types() -> str:
+    """One line per registered type: name, summary, options with defaults (``evaluate --targets=list``)."""
+    lines = []
+    for name, kind in TYPES.items():
+        opts = ", ".join(f"{k}={'<required>' if v is REQUIRED else repr(v)}" for k, v in kind.options.items())
+        pos = f"  ('{name}:<{kind.positional}>')" if kind.positional else ""
+        lines.append(f"{name}: {kind.summary}{pos}\n    options: {opts or 'none'}")
+    return "\n".join(lines)
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
