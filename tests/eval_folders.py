@@ -45,18 +45,18 @@ def _face(rng: np.random.Generator, base: np.ndarray, shape) -> np.ndarray:
 
 
 def write_ijb(root: pathlib.Path, rng: np.random.Generator, prefix: str = "ijbc",
-              n_img: int = 14, n_ids: int = 3) -> dict:
+              n_img: int = 30, n_ids: int = 3) -> dict:
     """``root/meta/{prefix}_*.txt`` + ``root/loose_crop/*.jpg``; returns the lists' contents."""
     (root / "meta").mkdir(parents=True)
     (root / "loose_crop").mkdir()
     identity = np.arange(n_img) % n_ids
-    templates = 100 + identity * 2 + (np.arange(n_img) // n_ids) % 2  # 2 templates per identity
+    templates = 100 + identity * 4 + (np.arange(n_img) // n_ids) % 4  # 4 templates per identity
     medias = rng.integers(0, 2, n_img)
-    bases = rng.uniform(40, 215, (n_ids, 1, 1, 3))
-    names, points, scores = [], [], np.round(rng.uniform(0.5, 1.0, n_img), 3)
+    bases = rng.uniform(110, 145, (n_ids, 1, 1, 3))  # close colours + casts: genuine / impostor overlap
+    names, points, scores = [], [], np.round(rng.uniform(0.05, 1.0, n_img), 3)
     for i in range(n_img):
         h, w = (int(v) for v in rng.integers(40, 60, 2))
-        img = _face(rng, bases[identity[i]], (h, w))
+        img = _face(rng, bases[identity[i]] + rng.normal(0, 20, 3), (h, w))  # + a per-image colour cast
         x0, y0, side = rng.uniform(2, 6), rng.uniform(2, 6), rng.uniform(28, 34)
         pts = np.round(align.ARCFACE_TEMPLATE / 112.0 * side + [x0, y0], 2)
         names.append(f"{i + 1}.jpg")
@@ -72,7 +72,7 @@ def write_ijb(root: pathlib.Path, rng: np.random.Generator, prefix: str = "ijbc"
     t1, t2 = np.meshgrid(uniq, uniq)
     keep = t1 < t2
     t1, t2 = t1[keep], t2[keep]
-    labels = ((t1 - 100) // 2 == (t2 - 100) // 2).astype(int)
+    labels = ((t1 - 100) // 4 == (t2 - 100) // 4).astype(int)
     (meta / f"{prefix}_template_pair_label.txt").write_text(
         "".join(f"{a} {b} {c}\n" for a, b, c in zip(t1, t2, labels)))
     return dict(names=names, templates=templates, medias=medias, points=np.stack(points),

@@ -65,7 +65,7 @@ def test_ijbc_entry_and_inline_target_match_reference(tmp_path):
     root = tmp_path / "IJB_release" / "IJBC"
     lists = eval_folders.write_ijb(root, rng)
     embed = eval_folders.PoolProject(int(rng.integers(1 << 31)))
-    fars = (0.1, 0.3)
+    fars = (0.05, 0.2)
     config = _config(ijbc_small=dict(type="ijbc", root=str(root), fars=fars))
     results = evaluation.run_targets(["ijbc_small", f"ijbc:{root}"], embed, config)
 
@@ -80,10 +80,10 @@ def test_ijbc_entry_and_inline_target_match_reference(tmp_path):
         temp[t] = np.sum(means, axis=0) / np.linalg.norm(np.sum(means, axis=0))
     scores = np.array([temp[a] @ temp[b] for a, b in zip(lists["t1"], lists["t2"])])
     pos, neg = scores[lists["labels"] == 1], scores[lists["labels"] == 0]
-    want = {f"tar@far={f:.0e}".replace("e-0", "e-"): _tar_at_far(pos, neg, f) for f in fars}
+    want = {"tar@far=5e-2": _tar_at_far(pos, neg, 0.05), "tar@far=2e-1": _tar_at_far(pos, neg, 0.2)}
     assert results["ijbc_small"] == pytest.approx(want, abs=1e-6)
-    # The inline form runs the type's default FARs (1e-6 .. 1e-1); its 1e-1 value is the same.
-    assert results[f"ijbc:{root}"]["tar@far=1e-1"] == pytest.approx(want["tar@far=1e-1"], abs=1e-6)
+    # The inline form runs the type's default FARs (1e-6 .. 1e-1).
+    assert results[f"ijbc:{root}"]["tar@far=1e-1"] == pytest.approx(_tar_at_far(pos, neg, 0.1), abs=1e-6)
     assert len(results[f"ijbc:{root}"]) == 6
 
 
@@ -125,7 +125,10 @@ def test_ytf_entry_matches_reference(tmp_path):
     a = np.stack([means[v] for v in data["first"]])
     b = np.stack([means[v] for v in data["second"]])
     ref = verification.evaluate_embeddings(a, b, data["issame"], folds=data["folds"])
-    assert got == pytest.approx(ref.metrics(), abs=1e-9)
+    frames = np.concatenate(list(data["crops"].values()))
+    norms = np.r_[np.linalg.norm(embed.features64(frames), axis=1),
+                  np.linalg.norm(embed.features64(np.ascontiguousarray(frames[:, :, ::-1])), axis=1)]
+    assert got == pytest.approx({**ref.metrics(), "xnorm": norms.mean()}, abs=1e-6)
 
 
 def test_pair_types_by_entry_and_by_name(tmp_path):

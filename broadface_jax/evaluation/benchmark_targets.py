@@ -30,7 +30,8 @@ memory at a time, each process its share), flip-summed unless ``flip=False``.
   each frame centre-cropped to ``center_crop`` of its shorter side and
   resized to ``config.image_size``. A video's feature is the mean of its
   L2-normalised frame features (:mod:`.set_to_set`); metrics as the pair
-  targets (accuracy ± std over the 10 folds, VAL @ FAR, threshold).
+  targets (accuracy ± std over the 10 folds, VAL @ FAR, threshold, XNorm of
+  the frame embeddings).
 
 Errors name the file (and line or list entry) at fault.
 """
@@ -248,12 +249,12 @@ class YTFEvaluator:
             paths += [os.path.join(video, x) for x in frames]
             set_ids += [v] * len(frames)
         source = _file_source(frames_dir, paths, self.image_size, splits, float(o["center_crop"]))
-        feats = embedding.embed_source(embed_fn, source, self.batch_size, o["flip"],
-                                       what=f"YTF frames of {splits}").features
+        out = embedding.embed_source(embed_fn, source, self.batch_size, o["flip"],
+                                     what=f"YTF frames of {splits}")
         index = {video: v for v, video in enumerate(videos)}
-        result = set_to_set.evaluate_set_pairs(feats, np.asarray(set_ids), [index[x] for x in first],
+        result = set_to_set.evaluate_set_pairs(out.features, np.asarray(set_ids), [index[x] for x in first],
                                                [index[x] for x in second], issame, folds=folds)
-        return result.metrics()
+        return {**result.metrics(), "xnorm": out.xnorm}
 
 
 register("ytf", TargetType(
