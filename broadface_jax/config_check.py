@@ -151,24 +151,6 @@ def _target_problems(config: Any) -> list[str]:
     return found
 
 
-def _target_problems(config: Any) -> list[str]:
-    """Each target of ``config.eval.targets`` and each ``config.evals`` entry: type and options.
-
-    The evaluation registry resolves them (no data is read); its messages name
-    the entry and option at fault, with close matches.
-    """
-    from broadface_jax.evaluation import targets  # light: NumPy only
-
-    present, names = _field(config, "eval.targets")
-    names = tuple(names) if present and _targets(names) is None else ()
-    found = targets.target_problems(config, names)
-    _, entries = _field(config, "evals")
-    for name in (entries or {}):
-        if name not in names:  # not run, but a typo in it is still an error
-            found += targets.target_problems(config, (name,))
-    return found
-
-
 def _field(config: Any, dotted: str) -> tuple[bool, Any]:
     node = config
     for part in dotted.split("."):
@@ -289,7 +271,6 @@ def problems(config: Any) -> list[str]:
     check("profile_steps", _int_at_least(0, " (0 = no profile)"))
     check("keep_checkpoints", _int_at_least(0, " (0 = keep all)"))
     check("eval.targets", _targets)
-    found.extend(_target_problems(config))
     found.extend(_target_problems(config))
     check("eval.batch_size", _int_at_least(1))
     check("eval.data_root", _string)
