@@ -14,7 +14,6 @@ For lfw_dev, cfp_ff and cfp_fp (real faces from ``--data-root``):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -30,10 +29,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(data_root: str):
-    spec = importlib.util.spec_from_file_location("cfg_default_bench", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    from broadface_jax import cli
+
+    c = cli.config_from_file(REPO / "configs" / "default.py")
     c.eval.data_root = data_root
     return c
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -56,11 +55,10 @@ VAL_KEY = f"eval/{TARGET}/val@far=1e-3"
 
 
 def load_demo_config() -> Any:
-    """configs/demo.py's default variant (config files are not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_demo_cfg", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """configs/demo.py's default variant."""
+    from broadface_jax import cli
+
+    return cli.config_from_file(REPO / "configs" / "demo.py")
 
 
 def make_config(queue: int, compensate: bool, seed: int, eval_every: int,

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -38,10 +37,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(path: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location("bench_cfg", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    from broadface_jax import cli
+
+    return cli.config_from_file(REPO / path, arg or None)
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -138,7 +136,7 @@ def _bare_times(config, every: int) -> list[float]:
 def bench_loop(steps: int, every: int, rounds: int, tmp: pathlib.Path) -> list[str]:
     import numpy as np
 
-    from broadface_jax import train
+    from broadface_jax import sharding, train
 
     config = load_config("configs/demo.py")
     config.total_steps = steps
@@ -149,7 +147,7 @@ def bench_loop(steps: int, every: int, rounds: int, tmp: pathlib.Path) -> list[s
     for r in range(rounds):  # alternate, so that load from other processes hits both
         bare = float(np.median(_bare_times(config, every)))
         trainer = float(np.median(_trainer_times(config, tmp)))
-        rows.append(f"| demo config, batch {train.global_batch_size(config)}, steps "
+        rows.append(f"| demo config, batch {sharding.global_batch_size(config)}, steps "
                     f"{every + 1}..{steps}, log every {every}, round {r + 1} "
                     f"| {bare * 1e3:.1f} ms | {trainer * 1e3:.1f} ms "
                     f"| {(trainer / bare - 1) * 100:+.1f}% |")

@@ -178,9 +178,9 @@ STAGE1 = RunSpec("s1_arcface", 1, 0, True, 0)
 
 # ------------------------------------------------------------------ configs
 def _load_config(path: pathlib.Path) -> Any:
-    import runpy
+    from broadface_jax import cli
 
-    return runpy.run_path(str(path))["get_config"]()
+    return cli.config_from_file(path)
 
 
 def make_config(p: Protocol, spec: RunSpec, workroot: pathlib.Path) -> Any:

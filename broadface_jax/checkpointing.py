@@ -133,18 +133,22 @@ def _is_dir(path: str) -> bool:
     return epath.Path(path).is_dir()
 
 
-def _numeric_children(path: str) -> list[int]:
-    """Step numbers of the finished checkpoints directly under ``path``.
+def _steps_in(path: str) -> list[int]:
+    """Step numbers of the finished checkpoints directly under ``path``, oldest first.
 
-    Orbax writes a step into a temporary folder and renames it when done, so
-    only finished checkpoints have a purely numeric name.
+    Listed by orbax's own (read-only) ``CheckpointManager``, so a step counts
+    exactly when orbax would restore it: a save still in flight (orbax's
+    temporary folder) or a folder with another name does not.
     """
+    if not _is_dir(path):
+        return []
+    reader = _reader(path)
     try:
-        children = list(epath.Path(path).iterdir())
+        return sorted(int(s) for s in reader.all_steps())
     except (OSError, ValueError):
         return []
-    return sorted(int(c.name) for c in children
-                  if c.name.isdigit() and c.is_dir())
+    finally:
+        reader.close()
 
 
 def resolve(path: str | os.PathLike,
@@ -168,7 +172,7 @@ def resolve(path: str | os.PathLike,
     base = os.path.basename(path)
     if _is_dir(checkpoint_dir(path)):
         folder = checkpoint_dir(path)
-    elif base.isdigit() and not _numeric_children(path):
+    elif base.isdigit() and not _steps_in(path):
         # One step folder: the step is its name.
         if step is not None and step != int(base):
             raise FileNotFoundError(
@@ -176,7 +180,7 @@ def resolve(path: str | os.PathLike,
         folder, step = os.fspath(epath.Path(path).parent), int(base)
     else:
         folder = path
-    steps = _numeric_children(folder)
+    steps = _steps_in(folder)
     if not steps:
         example = (f"{checkpoint_dir(path)}/1000" if folder == path
                    and base != CHECKPOINT_SUBDIR else f"{folder}/1000")
@@ -200,7 +204,7 @@ def latest_step(workdir: str | os.PathLike) -> Optional[int]:
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:
     """The finished checkpoint steps of a run, oldest first."""
-    return _numeric_children(checkpoint_dir(workdir))
+    return _steps_in(checkpoint_dir(workdir))
 
 
 def set_aside(workdir: str | os.PathLike, step: int, reason: str) -> str:
@@ -326,15 +330,7 @@ def abstract_like(state: PyTree, shardings: PyTree) -> PyTree:
 
 def _path_str(path: Sequence[Any]) -> str:
     """``('params', 'encoder', 0)``-like key path as a dotted name."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
 def _stored_shapes(reader: ocp.CheckpointManager, step: int,

@@ -28,7 +28,8 @@ import sys
 from typing import Any, Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from broadface_jax import cli
 
 
 
@@ -78,8 +79,7 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
 def _define_flags() -> None:
     """The command-line flags, defined only when run as a program (importing stays flag-free)."""
     global _CONFIG, _FROM, _WORKDIR, _CLASSIFIER
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config whose model.* / image_size the weights are for.", lock_config=True)
+    _CONFIG = cli.define_config_flag("Config whose model.* / image_size the weights are for.")
     _FROM = flags.DEFINE_string(
         "from", None, "Weights file: .pth / .pt / .onnx, or a comma list / glob of arcface_torch "
         "rank files checkpoint_gpu_*.pt.")
@@ -96,8 +96,9 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax import checkpointing, interop
 
     checkpointing.quiet_orbax_logging()
+    config = cli.load_config()
     try:
-        record = convert(_CONFIG.value, _FROM.value, _WORKDIR.value, _CLASSIFIER.value)
+        record = convert(config, _FROM.value, _WORKDIR.value, _CLASSIFIER.value)
     except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
         kind = type(e).__name__ if not isinstance(e, interop.ImportMismatch) else "mismatch"
         print(f"broadface_jax.convert: {kind}: {e}", file=sys.stderr, flush=True)
@@ -106,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
     print(f"imported {record['source']} as {record['model']['name']} -> {record['checkpoint']}"
           f"\n  classifier: {'%d rows' % rows if rows else 'none (encoder only)'}"
           f"\n  folded Conv+BN pairs: {record['folded_conv_bn']}"
-          f"\n  leaves without a counterpart (fresh, seed {_CONFIG.value.seed}): "
+          f"\n  leaves without a counterpart (fresh, seed {config.seed}): "
           f"{len(record['fresh_leaves'])}", flush=True)
 
 

@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from broadface_jax import cli
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -177,9 +178,7 @@ def run(config: Any, images: str, out: str, *, workdir: Optional[str] = None,
 def _define_flags() -> None:
     """The command-line flags, defined only when run as a program (importing stays flag-free)."""
     global _CONFIG, _WORKDIR, _CHECKPOINT, _FROM, _IMAGES, _LANDMARKS, _OUT, _FLIP
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config of the model (model.*, image_size, eval.batch_size).",
-        lock_config=True)
+    _CONFIG = cli.define_config_flag("Config of the model (model.*, image_size, eval.batch_size).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run whose latest checkpoint embeds.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A specific checkpoint (as evaluate).")
     _FROM = flags.DEFINE_string("from", None, "Weights file (.pth / .pt / .onnx) instead of a run.")
@@ -194,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        result = run(_CONFIG.value, _IMAGES.value, _OUT.value, workdir=_WORKDIR.value,
+        result = run(cli.load_config(), _IMAGES.value, _OUT.value, workdir=_WORKDIR.value,
                      checkpoint=_CHECKPOINT.value, weights=_FROM.value,
                      landmarks=_LANDMARKS.value, flip=_FLIP.value)
     except (FileNotFoundError, ImportError, ValueError) as e:

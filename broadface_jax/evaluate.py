@@ -23,20 +23,18 @@ images (``broadface_jax.evaluation.embedding``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from broadface_jax import distributed  # defines the multi-host flags
+from broadface_jax import cli, distributed  # distributed defines the multi-host flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run's directory; results go to <workdir>/eval.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config of the run (configs/X.py or configs/X.py:variant).",
-    lock_config=True)
+_CONFIG = cli.define_config_flag("Config of the run (configs/X.py or configs/X.py:variant).")
 _TARGETS = flags.DEFINE_list(
     "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
     "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
@@ -61,22 +59,14 @@ def restore_encoder(config: Any, mesh: Any, path: str, step: Optional[int] = Non
         ``config.model`` / ``config.image_size`` (every differing leaf named).
     """
     import jax
-    import jax.numpy as jnp
 
-    from broadface_jax import checkpointing, sharding
+    from broadface_jax import checkpointing, models, sharding
 
     folder, step = checkpointing.resolve(path, step)
     if model is None:
-        from broadface_jax import models
-
         model = models.build_encoder(config.model)
-    size = int(config.image_size)
-
-    def init(rng: jax.Array) -> Any:
-        return model.init({"params": rng, "dropout": rng},
-                          jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-
-    variables = jax.eval_shape(init, jax.random.PRNGKey(0))
+    variables = jax.eval_shape(functools.partial(models.init_variables, model,
+                                                 int(config.image_size)), jax.random.PRNGKey(0))
     part = {"params": {"encoder": variables["params"]},
             "batch_stats": variables.get("batch_stats", {})}
     replicated = sharding.replicated(mesh)
@@ -136,9 +126,9 @@ def main(argv: Sequence[str]) -> None:
         checkpointing.resolve(_CHECKPOINT.value or _WORKDIR.value)  # fail fast, naming the path
     except FileNotFoundError as e:
         cli.fail(str(e), cli.EXIT_USAGE)
-    import tensorflow as tf
+    from broadface_jax import input_pipeline
 
-    tf.config.set_visible_devices([], "GPU")  # image decoding beside JAX
+    input_pipeline.hide_gpus_from_tensorflow()  # image decoding beside JAX
     distributed.maybe_initialize()
 
     from broadface_jax import evaluation

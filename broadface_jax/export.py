@@ -35,7 +35,8 @@ import time
 from typing import Any, Optional, Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from broadface_jax import cli
 
 
 
@@ -104,8 +105,7 @@ def export(config: Any, out: str, *, workdir: Optional[str] = None,
 def _define_flags() -> None:
     """The command-line flags, defined only when run as a program (importing stays flag-free)."""
     global _CONFIG, _WORKDIR, _CHECKPOINT, _FROM, _OUT, _FOLD_BN, _CHECK
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config of the run (model.*, image_size).", lock_config=True)
+    _CONFIG = cli.define_config_flag("Config of the run (model.*, image_size).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "The run whose latest checkpoint is exported.")
     _CHECKPOINT = flags.DEFINE_string(
         "checkpoint", None, "Checkpoint to export (workdir, checkpoints folder or step folder).")
@@ -120,7 +120,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = _CONFIG.value
+    config = cli.load_config()
     start = time.perf_counter()
     try:
         params, batch_stats, source = export(

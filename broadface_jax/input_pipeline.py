@@ -7,11 +7,10 @@
 Order. Each process reads its own contiguous shard of the split
 (`tfds.split_for_jax_process`). The stream of record indices is a
 concatenation of epochs, each a permutation of the shard drawn from
-`(config.seed, process index, epoch)`; batch k is positions
-`[k * B, (k + 1) * B)` of that stream and the flips of its images (when
-`config.dataset.random_flip`) come from `(config.seed, process index, k)`.
-Epoch permutations are full shuffles, so `config.dataset.shuffle_buffer` is
-not used. So batch k is a pure function of k:
+`(config.seed, process index, epoch)` (full shuffles, no shuffle buffer);
+batch k is positions `[k * B, (k + 1) * B)` of that stream and the flips of
+its images (when `config.dataset.random_flip`) come from
+`(config.seed, process index, k)`. So batch k is a pure function of k:
 `start_step=k` computes it directly (nothing is read and skipped), and a
 resumed run sees exactly the batches a run that never stopped would have seen.
 
@@ -45,6 +44,7 @@ face pipeline above.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import gc
 import pathlib
@@ -84,12 +84,12 @@ def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize_images(images: np.ndarray, config: Any) -> np.ndarray:
-    """float32 images in [0, 255] -> the network's input scale (`config.dataset.normalize`)."""
-    images = np.asarray(images, np.float32)
-    if _dataset_field(config, "normalize", "face") == "face":
-        return (images / 255.0 - 0.5) / 0.5
+    """float32 images in [0, 255] -> the network's input scale (`config.dataset.normalize`).
+
+    The same rule and constants as the training pipeline (:func:`normalization`).
+    """
     mean, std = normalization(config)
-    return (images / 255.0 - mean) / std
+    return (np.asarray(images, np.float32) / 255.0 - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +164,20 @@ class _Source:
     describe: Callable[[int], str]  # record index -> where it came from
 
 
-def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source:
-    import tensorflow_datasets as tfds
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What the training data set's metadata says, without reading its records."""
 
+    name: str  # for messages: "insightface_rec (<data_dir>) split 'train'" or "synthetic"
+    num_examples: int  # in the whole split (all processes)
+    num_classes: int | None  # None: the data set's metadata does not say
+
+
+def _tfds_builder(config: Any):
+    """The prepared TFDS builder of `config.dataset`, checked (folder, preparation, split)."""
     from broadface_jax import datasets
 
+    hide_gpus_from_tensorflow()
     ds_cfg = config.dataset
     name, split = ds_cfg.tfds_name, ds_cfg.split
     data_dir = ds_cfg.data_dir or None
@@ -182,8 +191,26 @@ def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source
             f"--data_dir {data_dir or '<TFDS default>'}`")
     if split not in builder.info.splits:
         raise ValueError(f"data set {name} has no split {split!r}; it has {list(builder.info.splits)}")
+    return builder
+
+
+def _tfds_info(config: Any) -> DataInfo:
+    builder = _tfds_builder(config)
+    split = config.dataset.split
+    meta = builder.info.metadata or {}
+    return DataInfo(f"{config.dataset.tfds_name} ({builder.data_dir}) split {split!r}",
+                    builder.info.splits[split].num_examples,
+                    int(meta["num_classes"]) if "num_classes" in meta else None)
+
+
+def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(config)
+    name, split = config.dataset.tfds_name, config.dataset.split
     num_total = builder.info.splits[split].num_examples
-    shard = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    shard = tfds.split_for_jax_process(split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
     try:
         src = builder.as_data_source(shard, decoders={"image": tfds.decode.SkipDecoding()})
     except NotImplementedError as e:
@@ -206,6 +233,13 @@ def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source
         return f"{where}, shard record {index}" + (f" (file {file})" if file else "")
 
     return _Source(name, len(src), num_total, True, fetch, describe)
+
+
+def _synthetic_info(config: Any) -> DataInfo:
+    from broadface_jax.datasets import synthetic
+
+    spec = synthetic.spec_from_config(config)
+    return DataInfo("synthetic", spec.num_examples, spec.num_identities)
 
 
 def _synthetic_source(config: Any, process_index: int, process_count: int) -> _Source:
@@ -233,13 +267,28 @@ def _synthetic_source(config: Any, process_index: int, process_count: int) -> _S
     return _Source("synthetic", per, total, False, fetch, describe)
 
 
-def _make_source(config: Any, process_index: int, process_count: int) -> _Source:
+#: config.dataset.name -> (source for one process, metadata): the one dispatch on the kind.
+_KINDS: dict[str, tuple[Callable[[Any, int, int], _Source], Callable[[Any], DataInfo]]] = {
+    "tfds": (_tfds_source, _tfds_info),
+    "synthetic": (_synthetic_source, _synthetic_info),
+}
+
+
+def _kind(config: Any) -> tuple[Callable[[Any, int, int], _Source], Callable[[Any], DataInfo]]:
     kind = config.dataset.name
-    if kind == "tfds":
-        return _tfds_source(config, process_index, process_count)
-    if kind == "synthetic":
-        return _synthetic_source(config, process_index, process_count)
-    raise ValueError(f"config.dataset.name must be 'tfds' or 'synthetic', got {kind!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"config.dataset.name must be {' or '.join(map(repr, _KINDS))}, "
+                         f"got {kind!r}")
+    return _KINDS[kind]
+
+
+def _make_source(config: Any, process_index: int, process_count: int) -> _Source:
+    return _kind(config)[0](config, process_index, process_count)
+
+
+def data_info(config: Any) -> DataInfo:
+    """The training data's name, size and number of identities (its metadata)."""
+    return _kind(config)[1](config)
 
 
 # ------------------------------------------------------------- index stream
@@ -287,20 +336,29 @@ class IndexStream:
 
 
 # ------------------------------------------------------------------ tf.data
-def _hide_gpus_from_tf(tf) -> None:
-    """TensorFlow must not reserve accelerator memory next to JAX."""
+def hide_gpus_from_tensorflow():
+    """Imports TensorFlow with no GPU visible to it; returns the module.
+
+    tf.data (input, image decoding) runs beside JAX; a TensorFlow that sees
+    the GPUs reserves their memory. Every entry point calls this before JAX
+    starts.
+    """
+    import tensorflow as tf
+
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # already initialised; then it was hidden before (or there is no GPU)
         pass
+    return tf
 
 
 def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_size: int,
-                   random_flip: bool):
+                   random_flip: bool, mean: np.ndarray, std: np.ndarray):
     """steps -> (fetch records | render) in parallel -> decode, flip, normalise -> batches."""
     import tensorflow as tf
 
     b = stream.b
+    mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
 
     def load(step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         step = int(step)
@@ -329,7 +387,7 @@ def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_
                 image, (image_size, image_size), method="bilinear", antialias=True), 0.0, 255.0))
             image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
             image = tf.ensure_shape(image, [image_size, image_size, 3])
-            return (image / 255.0 - 0.5) / 0.5, label
+            return (image / 255.0 - mean_t) / std_t, label
 
         ds = ds.unbatch()
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -338,7 +396,7 @@ def _build_dataset(source: _Source, stream: IndexStream, start_step: int, image_
         def augment(images, labels, flips):
             images = tf.cast(images, tf.float32)
             images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
-            return (images / 255.0 - 0.5) / 0.5, labels
+            return (images / 255.0 - mean_t) / std_t, labels
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
@@ -440,24 +498,25 @@ def _find_bad_record(source: _Source, stream: IndexStream, step: int, tf) -> str
 def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
     """Per-process numpy batches from step `start_step` on (module docstring)."""
     import jax
-    import tensorflow as tf
 
-    _hide_gpus_from_tf(tf)
+    from broadface_jax import sharding
+
+    tf = hide_gpus_from_tensorflow()
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     process_index, process_count = jax.process_index(), jax.process_count()
-    batch = int(config.per_device_batch_size) * jax.local_device_count()
     source = _make_source(config, process_index, process_count)
-    stream = IndexStream(source.num_examples, batch, config.seed, process_index)
+    stream = IndexStream(source.num_examples, sharding.local_batch_size(config), config.seed,
+                         process_index)
     augment = _dataset_field(config, "augment", "face")
+    mean, std = normalization(config)
     if augment == "retrieval":
-        mean, std = normalization(config)
         ds = _build_retrieval_dataset(source, stream, start_step, int(config.image_size),
                                       bool(config.dataset.random_flip),
                                       RetrievalAugment.from_config(config), mean, std)
     elif augment == "face" and _dataset_field(config, "normalize", "face") == "face":
         ds = _build_dataset(source, stream, start_step, int(config.image_size),
-                            bool(config.dataset.random_flip))
+                            bool(config.dataset.random_flip), mean, std)
     elif augment == "face":
         raise ValueError(f"config.dataset.normalize={config.dataset.normalize!r} needs "
                          "config.dataset.augment='retrieval' (the face pipeline normalises to [-1, 1])")
@@ -512,27 +571,35 @@ def _close_live_iterators() -> None:
 
 def num_train_examples(config: Any) -> int:
     """Examples in the whole training split (all processes)."""
-    if config.dataset.name == "synthetic":
-        from broadface_jax.datasets import synthetic
-        return synthetic.spec_from_config(config).num_examples
-    if config.dataset.name != "tfds":
-        raise ValueError(f"config.dataset.name must be 'tfds' or 'synthetic', got {config.dataset.name!r}")
-    from broadface_jax import datasets
-    builder = datasets.get_builder(config.dataset.tfds_name, config.dataset.data_dir or None)
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"data set {config.dataset.tfds_name} is not prepared in {builder.data_dir}")
-    return builder.info.splits[config.dataset.split].num_examples
+    return data_info(config).num_examples
 
 
-def num_classes_of(config: Any) -> int:
-    """The prepared data set's number of identities (its metadata), for checking configs."""
-    if config.dataset.name == "synthetic":
-        return int(config.dataset.synthetic.num_identities)
-    from broadface_jax import datasets
-    builder = datasets.get_builder(config.dataset.tfds_name, config.dataset.data_dir or None)
-    meta = builder.info.metadata or {}
-    if "num_classes" not in meta:
-        raise ValueError(f"data set {config.dataset.tfds_name} in {builder.data_dir} has no "
-                         f"num_classes metadata")
-    return int(meta["num_classes"])
+def resolve_num_classes(config: Any) -> Any:
+    """``config`` with ``num_classes`` from the data set's metadata when it is 0.
 
+    An explicit ``config.num_classes`` must equal the metadata's (a classifier
+    with other rows than the data has identities is a mistake: labels out of
+    range, or rows that never see a positive). A data set without the
+    metadata keeps the explicit value (labels are still checked per batch).
+    Returns a copy when it fills the field; the caller's config is unchanged.
+
+    Raises:
+      ValueError: naming both numbers and the data set, or asking for the
+        field when the data set does not say.
+    """
+    given, info = int(config.num_classes), data_info(config)
+    if info.num_classes is None:
+        if given == 0:
+            raise ValueError(f"config.num_classes=0 (take it from the data) but data set "
+                             f"{info.name} has no num_classes metadata: set config.num_classes")
+        return config
+    if given == 0:
+        config = copy.deepcopy(config)
+        config.num_classes = info.num_classes
+        return config
+    if given != info.num_classes:
+        raise ValueError(
+            f"config.num_classes={given} but data set {info.name} has {info.num_classes} "
+            "identities (its metadata num_classes); set config.num_classes="
+            f"{info.num_classes}, or 0 to take it from the data")
+    return config

@@ -21,31 +21,23 @@ from __future__ import annotations
 from typing import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from broadface_jax import cli, distributed  # distributed defines the multi-host flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
     "events and evaluation outputs; an existing run there is resumed.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/X.py or configs/X.py:variant).",
-    lock_config=True)
+_CONFIG = cli.define_config_flag("Path to a config file (configs/X.py or configs/X.py:variant).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _hide_gpus_from_tensorflow() -> None:
-    """tf.data runs beside JAX; without this TensorFlow grabs GPU memory."""
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = cli.load_config()
-    _hide_gpus_from_tensorflow()
+    from broadface_jax import input_pipeline
+
+    input_pipeline.hide_gpus_from_tensorflow()  # tf.data runs beside JAX
     distributed.maybe_initialize()
 
     import jax

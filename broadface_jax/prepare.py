@@ -51,10 +51,11 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
             cfp_names_file: str | None = None, overwrite: bool = False,
             file_format: str = "array_record"):
     """Builds `dataset` from `manual_dir` into `data_dir`; returns the builder."""
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    tf.config.set_visible_devices([], "GPU")
+    from broadface_jax import input_pipeline
+
+    input_pipeline.hide_gpus_from_tensorflow()
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():
         raise FileNotFoundError(f"--manual_dir {manual} is not a directory")

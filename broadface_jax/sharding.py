@@ -75,32 +75,28 @@ def partition_rules(config: Any) -> list[tuple[str, P]]:
     ]
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def tree_shardings(tree: Any, mesh: Mesh, rules: list[tuple[str, P]]) -> Any:
     """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
     compiled = [(re.compile(r), spec) for r, spec in rules]
 
     def one(path, leaf):
-        name = _path_str(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         for rx, spec in compiled:
             if rx.search(name) and len(spec) <= np.ndim(leaf):
                 return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def global_batch_size(config: Any) -> int:
+    """Images per step over all devices (batch sizes in the config are per device)."""
+    return int(config.per_device_batch_size) * jax.device_count()
+
+
+def local_batch_size(config: Any) -> int:
+    """Images per step fed by this process: its share of :func:`global_batch_size`."""
+    return int(config.per_device_batch_size) * jax.local_device_count()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

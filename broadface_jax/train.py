@@ -16,11 +16,16 @@ The loop shards each host batch onto the mesh and runs the jitted step.
 Metrics stay on the device between log steps; at a log step they are fetched,
 checked for NaN/inf (a non-finite value stops the run with the step and the
 metric named, before any checkpoint of the bad state is written), averaged
-over the interval and written to absl logging (one progress line),
-``workdir/metrics.jsonl`` (one JSON object per logged step) and TensorBoard
-(``workdir/tensorboard``, process 0 only). Checkpoints every
-``checkpoint_every_steps`` and at the end; evaluation every
+over the interval and written through one clu metric writer
+(:func:`create_writer`): ``workdir/metrics.jsonl`` (one JSON object per
+logged step), TensorBoard (``workdir/tensorboard``) and the absl log on
+process 0, the log only on the others. ``clu.periodic_actions`` report
+progress (steps/s, ETA, time in evaluation) and trace
+``config.profile_steps`` steps for TensorBoard's profiler; parameter counts
+and the step's XLA FLOPs are logged once (:func:`log_model_size`).
+Checkpoints every ``checkpoint_every_steps`` and at the end; evaluation every
 ``eval_every_steps`` and at the end, through ``evaluation.run_targets``.
+``config.num_classes = 0`` takes the class count from the data set's metadata.
 
 metrics.jsonl holds one record per logged step: a resume from step N first
 moves the records after N (logged by the interrupted run after its last
@@ -43,7 +48,6 @@ read is set aside and the newest readable one is used;
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -64,7 +68,9 @@ TENSORBOARD_SUBDIR = "tensorboard"
 EVAL_SUBDIR = "eval"
 
 # Metrics reported as their value at the log step rather than the interval mean.
-_LAST_VALUE_METRICS = ("lr", "queue_fill", "queue_used")
+_LAST_VALUE_METRICS = ("lr", "lr_encoder", "lr_classifier", "queue_fill", "queue_used")
+#: config.profile_steps: the trace starts this many steps after the run (re)starts.
+PROFILE_SKIP_STEPS = 5
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,17 +120,6 @@ class Schedule:
 
     def is_eval(self, step: int) -> bool:
         return self._due(step, self.eval_every, self.total_steps)
-
-
-def global_batch_size(config: Any) -> int:
-    """Images per step over all devices (batch sizes in the config are per device)."""
-    return int(config.per_device_batch_size) * jax.device_count()
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
 # ------------------------------------------------------------------ checks
@@ -334,40 +329,21 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
 # ------------------------------------------------------------------ writers
 
 
-class _MetricsWriter:
-    """metrics.jsonl (appended, flushed per line) and TensorBoard, process 0 only."""
+def create_writer(workdir: str) -> Any:
+    """clu metric writer of a run: metrics.jsonl + TensorBoard + log on process 0.
 
-    def __init__(self, workdir: str, enabled: bool):
-        self._enabled = enabled
-        self._jsonl = None
-        self._tb = None
-        if not enabled:
-            return
-        from clu import metric_writers
+    Process 0: ``MultiWriter`` of :class:`workdir.JsonlWriter` (synchronous,
+    one line per ``write_scalars``) and clu's default writer (absl logging and
+    TensorBoard events in ``workdir/tensorboard``, asynchronous). Other
+    processes only log (``just_logging``).
+    """
+    from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow)
 
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-        self._tb = metric_writers.AsyncWriter(
-            metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)))
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if not self._enabled:
-            return
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        self._tb.write_scalars(int(step), dict(scalars))
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        if self._enabled:
-            self._tb.write_hparams(dict(hparams))
-
-    def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+    if jax.process_index() != 0:
+        return metric_writers.create_default_writer(just_logging=True)
+    return metric_writers.MultiWriter([
+        workdir_lib.JsonlWriter(workdir),
+        metric_writers.create_default_writer(os.path.join(workdir, TENSORBOARD_SUBDIR))])
 
 
 def _flatten_config(config: Any) -> dict[str, Any]:
@@ -375,6 +351,61 @@ def _flatten_config(config: Any) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else
             str(tuple(v) if isinstance(v, list) else v)
             for k, v in workdir_lib.flatten(config).items()}
+
+
+def log_model_size(state: train_step.TrainState, step_fn: Any, batch: Any) -> dict[str, float]:
+    """Logs the parameter table (clu.parameter_overview), counts and the step's XLA FLOPs, once.
+
+    The FLOPs are XLA's cost analysis of the compiled step (per device: the
+    program each device runs); compiling here fills jit's cache, so the first
+    step does not compile again. Returns ``{'params/<part>': count,
+    'step_flops_per_device': flops}`` (flops absent when XLA gives none).
+    """
+    from clu import parameter_overview  # noqa: PLC0415
+
+    from broadface_jax import models  # noqa: PLC0415
+
+    sizes = {f"params/{part}": float(models.count_params(tree))
+             for part, tree in state.params.items()}
+    sizes["batch_stats"] = float(models.count_params(state.batch_stats))
+    logging.info("encoder parameters:\n%s", parameter_overview.get_parameter_overview(
+        state.params["encoder"], include_stats=False))
+    if hasattr(step_fn, "lower"):
+        cost = step_fn.lower(state, batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+        if isinstance(cost, Mapping) and cost.get("flops", -1) >= 0:
+            sizes["step_flops_per_device"] = float(cost["flops"])
+    logging.info("model size: %s", ", ".join(f"{k} {v:,.0f}" for k, v in sizes.items()))
+    return sizes
+
+
+def _profiler(config: Any, workdir: str, start: int, total: int) -> Any:
+    """``periodic_actions.Profile`` tracing ``config.profile_steps`` steps, or None.
+
+    The window starts :data:`PROFILE_SKIP_STEPS` steps after the run (re)starts
+    (compilation stays out of it) or earlier when the run is shorter; the
+    trace goes to ``workdir/tensorboard`` (TensorBoard's profile tab).
+    Process 0 only.
+    """
+    steps = int(config.get("profile_steps", 0) or 0)
+    if steps <= 0 or jax.process_index() != 0 or start >= total:
+        return None
+    from clu import periodic_actions  # noqa: PLC0415
+
+    first = max(start + 1, min(start + PROFILE_SKIP_STEPS, total - steps))
+    logging.info("profiling steps %d-%d to %s", first + 1, min(first + steps, total),
+                 os.path.join(workdir, TENSORBOARD_SUBDIR))
+    return periodic_actions.Profile(
+        logdir=os.path.join(workdir, TENSORBOARD_SUBDIR), num_profile_steps=steps,
+        profile_duration_ms=None, first_profile=first, every_steps=None, every_secs=None)
+
+
+def _stop_profile() -> None:
+    """Ends a trace the run's end cut short (a no-op when none is running)."""
+    try:
+        jax.profiler.stop_trace()
+    except RuntimeError:  # no trace running
+        pass
 
 
 # ------------------------------------------------------------------ evaluation
@@ -426,6 +457,47 @@ def _summarise(host_metrics: list[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+class _Interval:
+    """The steps since the last log: their device metrics and their wall time.
+
+    Metrics stay on the device until :meth:`fetch` (a log or checkpoint step),
+    which checks every step's metrics for NaN/inf. Evaluation time is kept out
+    of ``images_per_sec`` (:meth:`restart_clock`).
+    """
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.pending: list[tuple[int, Any]] = []
+        self.host: list[Mapping[str, Any]] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((step, metrics))
+
+    def fetch(self, hint: Callable[[], str]) -> None:
+        """Brings the interval's metrics to the host; NonFiniteError on NaN/inf."""
+        self.host = jax.device_get([m for _, m in self.pending])
+        bad = _first_non_finite([s for s, _ in self.pending], self.host)
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {bad[0]}: {bad[1]} = {bad[2]} is not finite; training stopped and "
+                "no checkpoint of this state was written. Lower config.lr or set "
+                "config.grad_clip_norm. " + hint())
+
+    def summary(self) -> dict[str, float]:
+        """Means of the fetched metrics plus throughput; starts the next interval."""
+        elapsed, n = time.perf_counter() - self.t0, len(self.pending)
+        out = _summarise(self.host)
+        out["images_per_sec"] = self.global_batch * n / elapsed
+        out["sec_per_step"] = elapsed / n
+        self.pending, self.host = [], []
+        self.restart_clock()
+        return out
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+
 def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
                        ) -> dict[str, float]:
     """Trains (or resumes) a run in ``workdir`` and evaluates it.
@@ -448,9 +520,12 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
         values, data or checkpoints, each naming what is wrong.
     """
     workdir = os.fspath(workdir)
+    from broadface_jax import input_pipeline  # noqa: PLC0415
+
     config_check.validate(config)  # every field, before anything is written
     schedule = Schedule.from_config(config)
     _check_paths(config)
+    config = input_pipeline.resolve_num_classes(config)  # 0: from the data set's metadata
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.exclusive(workdir):
         return _train(config, workdir, schedule, model)
@@ -464,135 +539,148 @@ def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, fl
         workdir, config, resuming=bool(checkpointing.all_steps(workdir)), write=is_main)
     mesh = sharding.make_mesh(config.mesh)
     state, shardings, origin = initial_state(config, mesh, workdir, model)
-    start = int(jax.device_get(state.step))
-    total = schedule.total_steps
-    batch_size = global_batch_size(config)
+    start, total = int(jax.device_get(state.step)), schedule.total_steps
     if is_main:
         workdir_lib.truncate_metrics(workdir, start)
-    logging.info("workdir %s: %s; step %d of %d, global batch %d on mesh %s",
-                 workdir, origin, start, total, batch_size, dict(mesh.shape))
-
-    writer = _MetricsWriter(workdir, enabled=is_main)
-    manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-    targets = tuple(config.eval.targets)
-    bind_embed = make_uint8_embed_fn(config, mesh, model) if targets else None
-    final: dict[str, float] = {}
-    eval_results: dict[str, Any] = {}
-
-    def evaluate(step: int) -> None:
-        from broadface_jax import evaluation
-
-        nonlocal eval_results
-        t0 = time.perf_counter()
-        eval_results = evaluation.run_targets(
-            targets, bind_embed(state.params["encoder"], state.batch_stats), config,
-            out_dir=os.path.join(workdir, EVAL_SUBDIR))
-        flat = _flatten_eval(eval_results)
-        writer.write(step, flat)
-        final.update(flat)
-        logging.info("step %d: evaluation (%.1f s)\n%s", step, time.perf_counter() - t0,
-                     evaluation.format_table(eval_results))
-
-    def save(step: int) -> None:
-        if not bool(_all_finite((state.params, state.batch_stats))):
-            raise NonFiniteError(
-                f"step {step}: parameters or batch statistics contain NaN/inf; "
-                f"checkpoint not written. {_rollback_hint(workdir, manager)}")
-        if manager.latest_step() != step:
-            checkpointing.save(manager, step, state, force=True)
-
-    iterator = None
-    stopper = preemption.StopOnSignal()
-    failed = False
-    try:
-        stopper.install()
+    logging.info("workdir %s: %s; step %d of %d, global batch %d on mesh %s", workdir,
+                 origin, start, total, sharding.global_batch_size(config), dict(mesh.shape))
+    with _Run(config, workdir, schedule, mesh, model, state) as run:
         if start == 0:
-            writer.write_hparams(_flatten_config(config))
+            run.writer.write_hparams(_flatten_config(config))
         if start < total:
-            from broadface_jax import input_pipeline
-
-            if start and targets and schedule.is_eval(start) and _missed_eval(workdir, start):
-                evaluate(start)  # the run stopped between checkpoint and evaluation
-            iterator = input_pipeline.create_train_iterator(config, start_step=start)
-            step_fn = train_step.make_train_step(config, mesh, shardings, model=model)
-            pending: list[tuple[int, Any]] = []
-            t_interval, steps_in_interval, first_interval = time.perf_counter(), 0, True
-            for step in range(start + 1, total + 1):
-                batch = sharding.shard_batch(_next_batch(iterator, step, config), mesh)
-                state, metrics = step_fn(state, batch)
-                checkpointing.check_saves(manager)  # a failed background save stops here
-                stop = stopper.should_stop(step)  # SIGTERM / SIGINT: checkpoint this step
-                pending.append((step, metrics))
-                steps_in_interval += 1
-                log_now = schedule.is_log(step) or stop
-                ckpt_now = schedule.is_checkpoint(step) or stop
-                if log_now or ckpt_now:
-                    steps = [s for s, _ in pending]
-                    host = jax.device_get([m for _, m in pending])
-                    bad = _first_non_finite(steps, host)
-                    if bad is not None:
-                        raise NonFiniteError(
-                            f"step {bad[0]}: {bad[1]} = {bad[2]} is not finite; training "
-                            "stopped and no checkpoint of this state was written. Lower "
-                            "config.lr or set config.grad_clip_norm. "
-                            + _rollback_hint(workdir, manager))
-                if log_now:
-                    elapsed = time.perf_counter() - t_interval
-                    summary = _summarise(host)
-                    summary["images_per_sec"] = batch_size * steps_in_interval / elapsed
-                    summary["sec_per_step"] = elapsed / steps_in_interval
-                    writer.write(step, summary)
-                    final.update(summary)
-                    eta = (total - step) * summary["sec_per_step"]
-                    logging.info(
-                        "step %d/%d | loss enc %.4f cls %.4f | lr %.3g | %.1f img/s%s"
-                        " | queue %.0f%% | ETA %s", step, total,
-                        summary.get("loss_encoder", float("nan")),
-                        summary.get("loss_classifier", float("nan")),
-                        summary.get("lr", float("nan")), summary["images_per_sec"],
-                        " (incl. compile)" if first_interval else "",
-                        100 * summary.get("queue_fill", 0.0), _format_duration(eta))
-                    pending, steps_in_interval, first_interval = [], 0, False
-                    t_interval = time.perf_counter()
-                if ckpt_now:
-                    save(step)
-                if stop:
-                    checkpointing.wait(manager)
-                    raise preemption.Preempted(
-                        step, stopper.signal_name,
-                        f"{checkpointing.checkpoint_dir(workdir)}/{step}")
-                if schedule.is_eval(step) and targets:
-                    evaluate(step)
-                    t_interval = time.perf_counter()  # keep eval out of images/s
-        elif targets and _missed_eval(workdir, start):
+            run.train(shardings)
+        elif run.targets and _missed_eval(workdir, start):
             logging.info("run already at step %d of %d: evaluating only", start, total)
-            evaluate(start)
+            run.evaluate(start)
         else:
             logging.info("run already at step %d of %d and evaluated: nothing to do "
                          "(broadface_jax.evaluate evaluates it again)", start, total)
-        save(int(jax.device_get(state.step)))
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()  # release tf.data while the interpreter is alive
+        run.save(int(jax.device_get(run.state.step)))
+    return run.report()
+
+
+class _Run:
+    """One run's loop and what it holds open: writer, checkpoint manager, input, signals.
+
+    Used as a context manager: leaving it (normally or by an error) closes the
+    input, waits for the last save, closes the manager and the writer, and
+    restores the signal handlers last (a signal while the last save finishes
+    still waits for it).
+    """
+
+    def __init__(self, config: Any, workdir: str, schedule: Schedule,
+                 mesh: jax.sharding.Mesh, model: Any, state: train_step.TrainState):
+        self.config, self.workdir, self.schedule = config, workdir, schedule
+        self.mesh, self.model, self.state = mesh, model, state
+        self.targets = tuple(config.eval.targets)
+        self._bind_embed = (make_uint8_embed_fn(config, mesh, model)
+                            if self.targets else None)
+        self.final: dict[str, float] = {}
+        self.eval_results: dict[str, Any] = {}
+        self.iterator: Any = None
+        self.profile: Any = None
+        self.stopper = preemption.StopOnSignal()
+        self.writer = create_writer(workdir)
+        self.manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+
+    def __enter__(self) -> "_Run":
+        self.stopper.install()
+        return self
+
+    def train(self, shardings: train_step.TrainState) -> None:
+        """Steps from the state's step to ``total_steps``: log, checkpoint, evaluate."""
+        from clu import periodic_actions  # noqa: PLC0415
+
+        from broadface_jax import input_pipeline  # noqa: PLC0415
+
+        config, schedule, start = self.config, self.schedule, int(self.state.step)
+        total = schedule.total_steps
+        if start and self.targets and schedule.is_eval(start) and _missed_eval(self.workdir, start):
+            self.evaluate(start)  # the run stopped between checkpoint and evaluation
+        self.iterator = input_pipeline.create_train_iterator(config, start_step=start)
+        step_fn = train_step.make_train_step(config, self.mesh, shardings, model=self.model)
+        progress = periodic_actions.ReportProgress(
+            num_train_steps=total, every_steps=schedule.log_every if schedule.log_every > 0
+            else None, every_secs=None)
+        self.profile = _profiler(config, self.workdir, start, total)
+        hooks = [h for h in (progress, self.profile) if h is not None]
+        interval = _Interval(sharding.global_batch_size(config))
+        for step in range(start + 1, total + 1):
+            batch = sharding.shard_batch(_next_batch(self.iterator, step, config), self.mesh)
+            if step == start + 1:
+                log_model_size(self.state, step_fn, batch)
+            self.state, metrics = step_fn(self.state, batch)
+            checkpointing.check_saves(self.manager)  # a failed background save stops here
+            stop = self.stopper.should_stop(step)  # SIGTERM / SIGINT: checkpoint this step
+            interval.add(step, metrics)
+            for hook in hooks:
+                hook(step)
+            log_now, ckpt_now = schedule.is_log(step) or stop, schedule.is_checkpoint(step) or stop
+            if log_now or ckpt_now:
+                interval.fetch(self.rollback_hint)
+            if log_now:
+                self.write(step, interval.summary())
+            if ckpt_now:
+                self.save(step)
+            if stop:
+                checkpointing.wait(self.manager)
+                raise preemption.Preempted(step, self.stopper.signal_name,
+                                           f"{checkpointing.checkpoint_dir(self.workdir)}/{step}")
+            if schedule.is_eval(step) and self.targets:
+                with progress.timed("eval"):
+                    self.evaluate(step)
+                interval.restart_clock()  # keep eval out of images/s
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.writer.write_scalars(step, scalars)
+        self.final.update(scalars)
+
+    def evaluate(self, step: int) -> None:
+        from broadface_jax import evaluation  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        self.eval_results = evaluation.run_targets(
+            self.targets, self._bind_embed(self.state.params["encoder"], self.state.batch_stats),
+            self.config, out_dir=os.path.join(self.workdir, EVAL_SUBDIR))
+        self.write(step, _flatten_eval(self.eval_results))
+        logging.info("step %d: evaluation (%.1f s)\n%s", step, time.perf_counter() - t0,
+                     evaluation.format_table(self.eval_results))
+
+    def save(self, step: int) -> None:
+        """Checkpoints ``step`` (unless it is the latest already), after a NaN/inf check."""
+        if not bool(_all_finite((self.state.params, self.state.batch_stats))):
+            raise NonFiniteError(
+                f"step {step}: parameters or batch statistics contain NaN/inf; "
+                f"checkpoint not written. {self.rollback_hint()}")
+        if self.manager.latest_step() != step:
+            checkpointing.save(self.manager, step, self.state, force=True)
+
+    def rollback_hint(self) -> str:
+        return _rollback_hint(self.workdir, self.manager)
+
+    def __exit__(self, kind, error, tb) -> None:
+        failed = kind is not None
+        if hasattr(self.iterator, "close"):
+            self.iterator.close()  # release tf.data while the interpreter is alive
+        if self.profile is not None:
+            _stop_profile()
         try:
-            checkpointing.wait(manager)
+            checkpointing.wait(self.manager)
         except checkpointing.CheckpointWriteError as e:
             if not failed:
                 raise
             logging.warning("while stopping: %s", e)
         finally:
-            manager.close()
-            writer.close()
-            stopper.restore()  # a signal while the last save finishes still waits for it
+            self.manager.close()
+            self.writer.close()
+            self.stopper.restore()
 
-    final["step"] = int(jax.device_get(state.step))
-    if eval_results:
-        from broadface_jax import evaluation
+    def report(self) -> dict[str, float]:
+        """The final metrics; prints the evaluation table (process 0)."""
+        self.final["step"] = int(jax.device_get(self.state.step))
+        if self.eval_results and jax.process_index() == 0:
+            from broadface_jax import evaluation  # noqa: PLC0415
 
-        table = evaluation.format_table(eval_results)
-        if is_main:
-            print(f"\nVerification at step {final['step']} ({workdir}):\n{table}", flush=True)
-    return final
+            print(f"\nVerification at step {self.final['step']} ({self.workdir}):\n"
+                  f"{evaluation.format_table(self.eval_results)}", flush=True)
+        return self.final

@@ -15,6 +15,7 @@
   records after N (logged by the interrupted run after its last checkpoint,
   or by a run rolled back to N) are moved to ``metrics.replaced.jsonl``, so the
   file never holds two records of one step and nothing written is lost.
+  :class:`JsonlWriter` writes it (a clu metric writer, beside TensorBoard's).
 """
 
 from __future__ import annotations
@@ -256,6 +257,57 @@ def truncate_metrics(workdir: str, step: int) -> int:
     logging.info("resume from step %d: moved %d metrics.jsonl records of later steps to %s",
                  step, len(moved), REPLACED_METRICS_FILE)
     return len(moved)
+
+
+class JsonlWriter:
+    """A ``clu.metric_writers.MetricWriter`` that appends scalars to ``metrics.jsonl``.
+
+    Each ``write_scalars(step, scalars)`` is one line ``{"step": step, **scalars}``,
+    written and flushed at once (synchronously), so the records of a step are on
+    disk before its checkpoint starts and :func:`truncate_metrics` can drop the
+    later ones on resume. Composed with clu's TensorBoard and logging writers
+    through ``metric_writers.MultiWriter``; other kinds of summary (images,
+    texts, hparams, ...) are not kept here.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        del step, values, metadata
+
+    def write_images(self, step, images) -> None:
+        del step, images
+
+    def write_videos(self, step, videos) -> None:
+        del step, videos
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        del step, audios, sample_rate
+
+    def write_texts(self, step, texts) -> None:
+        del step, texts
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        del step, arrays, num_buckets
+
+    def write_hparams(self, hparams) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def has_record(workdir: str, step: int, prefix: str = "") -> bool:

@@ -251,13 +251,9 @@ def test_ten_pair_bin_evaluates_on_balanced_folds(tmp_path, monkeypatch, caplog)
 
 
 def _eval_config(image_size):
-    import importlib.util
+    from broadface_jax import cli
 
-    spec = importlib.util.spec_from_file_location(
-        "cfg_default_binfile", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = cli.config_from_file("configs/default.py")
     c.eval.data_root, c.eval.bin_dir, c.eval.batch_size, c.image_size = "", "", 8, image_size
     return c
 

@@ -8,13 +8,12 @@ a fixed random projection, and TAR @ FAR is read off ``sklearn``'s ROC
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
-from broadface_jax import align, evaluation
+from broadface_jax import align, cli, evaluation
 from broadface_jax.evaluation import targets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,10 +21,7 @@ SEED = 20261201
 
 
 def _config(data_root):
-    spec = importlib.util.spec_from_file_location("cfg_default_lfwpt", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = cli.config_from_file(REPO / "configs" / "default.py")
     c.eval.data_root = str(data_root)
     c.eval.batch_size = 256
     c.image_size = 32

@@ -7,24 +7,20 @@ float64 flip-sum features, and verification.evaluate_embeddings.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
 import numpy as np
 import pytest
 
-from broadface_jax import evaluation
+from broadface_jax import cli, evaluation
 from broadface_jax.evaluation import binfile, targets, verification
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(data_root="", bin_dir=""):
-    spec = importlib.util.spec_from_file_location("cfg_default_eval", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = cli.config_from_file(REPO / "configs" / "default.py")
     c.eval.data_root = str(data_root)
     c.eval.bin_dir = str(bin_dir)
     c.eval.batch_size = 64

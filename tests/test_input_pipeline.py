@@ -136,7 +136,29 @@ def test_tfds_batches_match_reference_and_resume(folder_data):
     np.testing.assert_array_equal(resumed["image"], batches[2]["image"])
     np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
     assert ip.num_train_examples(c) == 15
-    assert ip.num_classes_of(c) == NUM_IDS
+    assert ip.data_info(c).num_classes == NUM_IDS
+
+
+def test_num_classes_from_the_data_sets_metadata(folder_data):
+    """num_classes = 0 takes the metadata's count; another explicit value is an error."""
+    from broadface_jax import config_check
+
+    c = _tfds_config(folder_data)
+    c.num_classes = 0
+    assert not [p for p in config_check.problems(c) if "num_classes" in p]
+    resolved = ip.resolve_num_classes(c)
+    assert resolved.num_classes == NUM_IDS and c.num_classes == 0  # a copy; the caller's kept
+    assert ip.resolve_num_classes(resolved) is resolved  # an equal explicit value passes
+    c.num_classes = NUM_IDS + 2
+    with pytest.raises(ValueError, match=rf"config.num_classes={NUM_IDS + 2} but data set "
+                                         rf"image_folder \(.*\) split 'train' has {NUM_IDS} "
+                                         "identities"):
+        ip.resolve_num_classes(c)
+    s = _synthetic_config()
+    s.num_classes = 0
+    assert ip.resolve_num_classes(s).num_classes == 6  # synthetic: its training identities
+    s.num_classes = 1
+    assert [p for p in config_check.problems(s) if p.startswith("config.num_classes=1:")]
 
 
 def test_tfds_resize_to_config_image_size(folder_data):

@@ -58,7 +58,7 @@ def test_warm_start_from_pth_then_broadface_steps(tmp_path):
     assert rel_err(got, REF["r18s/y"]) <= 1e-5
     np.testing.assert_array_equal(state.params["classifier"]["kernel"], REF["r18s/softmax_rows"])
     assert int(state.step) == 0 and all(np.all(np.asarray(x) == 0)
-                                        for x in jax.tree.leaves(state.opt_state))
+                                        for x in jax.tree.leaves(train_step.moments(state.opt_state)))
 
     # A plain backbone file has no rows: a clear error, or encoder only when asked.
     with pytest.raises(InteropError, match="r18s.pth' has no classifier rows.*init_classifier=False"):
@@ -69,7 +69,7 @@ def test_warm_start_from_pth_then_broadface_steps(tmp_path):
 
     # A few BroadFace steps (queue on) from the imported state.
     step_fn = train_step.make_train_step(config, mesh, shardings)
-    batch_size = train.global_batch_size(config)
+    batch_size = sharding.global_batch_size(config)
     rng = np.random.default_rng(0)
     print("seed 0")
     before = np.asarray(state.params["encoder"]["conv1"]["kernel"])

@@ -92,7 +92,7 @@ def _flat_fields(config, prefix=""):
         if hasattr(value, "items"):
             out.update(_flat_fields(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = type(value)
+            out[f"{prefix}{key}"] = config.get_type(key)  # a placeholder's declared type
     return out
 
 
@@ -117,3 +117,25 @@ def test_configs_only_change_default_fields(name, arg):
         assert config.loss.m3 == (0.4 if arg == "m04" else 0.35)
     if name in ("demo", "lfw") and arg != "arcface":
         assert config.queue.size_per_device > 0
+
+
+def test_config_from_file_loads_as_the_command_line_does(tmp_path, monkeypatch):
+    """One loader: path[:variant], repository-relative paths, locked like --config."""
+    import importlib.util
+
+    from broadface_jax import cli
+
+    spec = importlib.util.spec_from_file_location("demo_ref", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    want = module.get_config("smoke")
+
+    monkeypatch.chdir(tmp_path)  # "configs/demo.py" is found from the repository root
+    for got in (cli.config_from_file("configs/demo.py:smoke"),
+                cli.config_from_file(REPO / "configs" / "demo.py", "smoke")):
+        assert got.to_dict() == want.to_dict() and got.total_steps == 3
+        with pytest.raises(AttributeError):  # locked: a typo is an error, as on the command line
+            got.totl_steps = 5
+    assert cli.config_from_file("configs/demo.py").total_steps == module.get_config().total_steps
+    with pytest.raises(FileNotFoundError, match="no such config file 'configs/nope.py'"):
+        cli.config_from_file("configs/nope.py")

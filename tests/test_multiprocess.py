@@ -69,12 +69,9 @@ GRAD_NORMS = ("grad_norm_encoder", "grad_norm_classifier")
 
 def _config():
     """The children's config: configs/demo.py:smoke with OVERRIDES applied."""
-    import importlib.util
+    from broadface_jax import cli
 
-    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = cli.config_from_file(REPO / "configs" / "demo.py", "smoke")
     config.eval.targets = ()
     config.lr = 0.01
     return config

@@ -7,7 +7,6 @@ backbone is exercised end to end by tests/test_main.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from broadface_jax import checkpointing, input_pipeline, sharding, train, train_step
+from broadface_jax import checkpointing, cli, input_pipeline, sharding, train, train_step
 from tests.tiny_encoder import TinyEncoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,11 +25,8 @@ EMBED_DIM = 8
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """configs/<name>.py's get_config(arg), loaded by path like config_flags does."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    """configs/<name>.py's get_config(arg), loaded as --config loads it."""
+    return cli.config_from_file(REPO / "configs" / f"{name}.py", arg)
 
 
 def tiny_config(total_steps: int = 4) -> ml_collections.ConfigDict:
@@ -102,6 +98,7 @@ def test_schedule_durations():
 def test_one_step_end_to_end_matches_direct_step(tmp_path):
     """train_and_evaluate's first step equals create_train_state + step on batch 0."""
     config = tiny_config(total_steps=1)
+    config.profile_steps = 1  # a trace that the run's end cuts short
     final = train.train_and_evaluate(config, tmp_path, model=tiny_model())
 
     # The same step by hand: fresh state from config.seed, batch 0 of the pipeline.
@@ -129,7 +126,42 @@ def test_one_step_end_to_end_matches_direct_step(tmp_path):
     for got, want in zip(leaves(restored), leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert (tmp_path / train.TENSORBOARD_SUBDIR).is_dir()
-    assert any((tmp_path / train.TENSORBOARD_SUBDIR).iterdir())
+    assert list((tmp_path / train.TENSORBOARD_SUBDIR).glob("events.out.tfevents.*"))
+    assert list((tmp_path / train.TENSORBOARD_SUBDIR / "plugins" / "profile").rglob("*.xplane.pb"))
+
+
+# ------------------------------------------------------------------ writer, sizes
+
+
+def test_writer_appends_one_jsonl_line_per_write(tmp_path):
+    writer = train.create_writer(str(tmp_path))
+    writer.write_hparams({"lr": 0.1})
+    writer.write_scalars(3, {"loss": np.float32(1.5), "lr": 0.25})
+    writer.write_scalars(3, {"eval/x/accuracy": 0.75})
+    writer.write_texts(3, {"note": "not a scalar"})
+    writer.close()
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.5, "lr": 0.25},
+                                      {"step": 3, "eval/x/accuracy": 0.75}]
+    assert list((tmp_path / train.TENSORBOARD_SUBDIR).glob("events.out.tfevents.*"))
+
+
+def test_log_model_size_counts_parameters_and_step_flops():
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    state, shardings = train_step.create_train_state(config, mesh, jax.random.PRNGKey(0),
+                                                     model=tiny_model())
+    step_fn = train_step.make_train_step(config, mesh, shardings, model=tiny_model())
+    rng = np.random.default_rng(0)  # seed fixed: any values do
+    batch = sharding.shard_batch({
+        "image": rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 12, 16).astype(np.int32)}, mesh)
+    sizes = train.log_model_size(state, step_fn, batch)
+    enc = sum(np.size(x) for x in leaves(state.params["encoder"]))
+    assert sizes["params/encoder"] == enc > 0
+    assert sizes["params/classifier"] == 12 * EMBED_DIM  # C x D
+    assert sizes["batch_stats"] == sum(np.size(x) for x in leaves(state.batch_stats))
+    # At least the per-device logits of the batch: 2 rows x 12 classes x 8 dims, 2 flops each.
+    assert sizes["step_flops_per_device"] >= 2 * 2 * 12 * EMBED_DIM
 
 
 # ------------------------------------------------------------------ embed fn
@@ -290,13 +322,13 @@ def test_nan_params_block_the_checkpoint(tmp_path, monkeypatch):
     assert checkpointing.latest_step(tmp_path) == 2
 
 
-def test_label_out_of_range_is_named(tmp_path):
+def test_num_classes_other_than_the_data_is_refused_before_the_workdir(tmp_path):
     config = tiny_config()
     config.num_classes = 6  # the synthetic data has 12 identities
-    with pytest.raises(ValueError, match=r"input pipeline .*synthetic.* failed at step 1: "
-                                         r"label \d+ out of range \[0, 6\)"):
-        train.train_and_evaluate(config, tmp_path, model=tiny_model())
-    assert checkpointing.latest_step(tmp_path) is None
+    with pytest.raises(ValueError, match=r"config.num_classes=6 but data set synthetic has 12 "
+                                         r"identities .*num_classes=12, or 0"):
+        train.train_and_evaluate(config, tmp_path / "run", model=tiny_model())
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_missing_data_dir_is_named(tmp_path):

@@ -40,8 +40,6 @@ _BUILDERS = {
     "cars196_retrieval": ("retrieval", "Cars196Retrieval"),
 }
 SHORT_NAMES = ("insightface_rec", "image_folder", "lfw", "cfp", "sop", "inshop", "cub200", "cars196")
-DEFAULT_SPLITS = {"insightface_rec": "train", "image_folder": "train", "lfw": "dev_train", "cfp": "frontal",
-                  "sop": "train", "inshop": "train", "cub200": "train", "cars196": "train"}
 
 
 def known_names() -> list[str]:

@@ -125,15 +125,12 @@ class Imported:
 def abstract_variables(config: Any) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
     """The encoder's variables as ``ShapeDtypeStruct`` and as ``{leaf path: shape}``."""
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from broadface_jax import models  # noqa: PLC0415
 
     model = models.build_encoder(config.model)
-    size = int(config.image_size)
     abstract = jax.eval_shape(
-        lambda rng: model.init({"params": rng, "dropout": rng},
-                               jnp.zeros((1, size, size, 3), jnp.float32), train=False),
+        lambda rng: models.init_variables(model, int(config.image_size), rng),
         jax.random.PRNGKey(0))
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     shapes = {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
@@ -273,10 +270,7 @@ def _fresh_leaves(config: Any, paths: list[tuple[str, ...]],
         variables = _HeadOnly().init({"params": rng, "dropout": rng},
                                      jnp.zeros((1, channels), jnp.float32))
     else:
-        size = int(config.image_size)
-        variables = jax.jit(lambda r: model.init({"params": r, "dropout": r},
-                                                 jnp.zeros((1, size, size, 3), jnp.float32),
-                                                 train=False))(rng)
+        variables = jax.jit(lambda r: models.init_variables(model, int(config.image_size), r))(rng)
     out = {}
     for path in paths:
         node = variables

@@ -1,4 +1,4 @@
-"""Encoders: ``build_encoder(config.model)`` and ``count_params(params)``.
+"""Encoders: ``build_encoder(config.model)``, ``init_variables`` and ``count_params(params)``.
 
 Every encoder is a Flax Linen module called as
 ``module.apply(variables, x, train=bool, mutable=['batch_stats'], rngs={'dropout': key})``
@@ -105,6 +105,20 @@ def build_encoder(model_config: Any, batch_shards: int | None = None) -> Any:
                dtype=jnp.dtype(dtype), bn_groups=bn_groups, **fixed)
 
 
+def init_variables(model: Any, image_size: int, rng: Any) -> Any:
+    """``model.init`` on one zero ``(1, S, S, 3)`` image in eval mode.
+
+    The one dummy initialisation of an encoder: ``{'params': ...,
+    'batch_stats': ...}`` (the FC layer infers its input size from the
+    image). Traceable: wrap it in ``jax.eval_shape`` for the shapes only
+    (restore targets) or in ``jax.jit``.
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    return model.init({"params": rng, "dropout": rng},
+                      jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree (arrays or ``ShapeDtypeStruct``).
 
@@ -116,4 +130,4 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["BATCH_NORM_MODES", "REGISTRY", "build_encoder", "count_params"]
+__all__ = ["BATCH_NORM_MODES", "REGISTRY", "build_encoder", "count_params", "init_variables"]
