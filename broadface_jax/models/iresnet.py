@@ -32,15 +32,6 @@ from flax import linen as nn
 from broadface_jax.models import layers
 from broadface_jax.models.head import EmbeddingHead
 
-#: Blocks per stage, as insightface's ``iresnet{18,34,50,100,200}``.
-STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 14, 3),
-    100: (3, 13, 30, 3),
-    200: (6, 26, 60, 6),
-}
-
 #: insightface's conv initialisation: ``nn.init.normal_(m.weight, 0, 0.1)``.
 CONV_INIT = nn.initializers.normal(stddev=0.1)
 
@@ -79,7 +70,7 @@ class IResNet(nn.Module):
     """IResNet encoder: NHWC images in [-1, 1] -> (B, embedding_dim) float32.
 
     Attributes:
-      stage_sizes: blocks per stage (see :data:`STAGE_SIZES`).
+      stage_sizes: blocks per stage (per depth: ``models.REGISTRY``).
       embedding_dim: output size D.
       width: channel multiplier (1.0 = insightface).
       dropout: dropout rate in the head.

@@ -31,13 +31,6 @@ from flax import linen as nn
 from broadface_jax.models import layers
 from broadface_jax.models.head import EmbeddingHead
 
-#: Blocks per stage of the bottleneck ResNets.
-STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
-
 EXPANSION = 4
 
 
@@ -74,7 +67,7 @@ class ResNet(nn.Module):
     """Bottleneck ResNet encoder: NHWC images in [-1, 1] -> (B, embedding_dim) float32.
 
     Attributes:
-      stage_sizes: bottlenecks per stage (see :data:`STAGE_SIZES`).
+      stage_sizes: bottlenecks per stage (per depth: ``models.REGISTRY``).
       embedding_dim: output size D.
       width: channel multiplier (1.0 = torchvision).
       dropout: dropout rate in the head.
