@@ -72,12 +72,17 @@ def mesh8() -> jax.sharding.Mesh:
     return jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
 
 
-def test_round_trip_reshards_onto_other_mesh(tmp_path, mesh8):
-    state, _ = _make_state(0, mesh8)
-    manager = checkpointing.create_manager(tmp_path, max_to_keep=2)
-    assert checkpointing.save(manager, 7, state, force=True)
+def _save_one(workdir, step: int, state, max_to_keep=None) -> None:
+    """Saves ``state`` as checkpoint ``step`` of ``workdir`` and waits for it."""
+    manager = checkpointing.create_manager(workdir, max_to_keep=max_to_keep)
+    assert checkpointing.save(manager, step, state, force=True)
     manager.wait_until_finished()
     manager.close()
+
+
+def test_round_trip_reshards_onto_other_mesh(tmp_path, mesh8):
+    state, _ = _make_state(0, mesh8)
+    _save_one(tmp_path, 7, state, max_to_keep=2)
 
     # Restore onto 2 devices with a different partitioning of each leaf.
     mesh2 = jax.make_mesh((2,), ("data",), devices=jax.devices()[2:4])
@@ -138,10 +143,7 @@ def test_missing_and_empty_paths_are_clear_errors(tmp_path):
 
 def test_missing_step_is_clear_error(tmp_path, mesh8):
     state, _ = _make_state(1, mesh8)
-    manager = checkpointing.create_manager(tmp_path, max_to_keep=None)
-    checkpointing.save(manager, 5, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save_one(tmp_path, 5, state)
     with pytest.raises(FileNotFoundError, match=r"step 9 not found.*\[5\]"):
         checkpointing.resolve(tmp_path, step=9)
 
@@ -155,10 +157,7 @@ def _corrupt(step_dir: pathlib.Path) -> None:
 
 def test_corrupt_checkpoint_names_directory(tmp_path, mesh8):
     state, shardings = _make_state(2, mesh8)
-    manager = checkpointing.create_manager(tmp_path, max_to_keep=None)
-    checkpointing.save(manager, 4, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save_one(tmp_path, 4, state)
     step_dir = pathlib.Path(checkpointing.checkpoint_dir(tmp_path)) / "4"
     _corrupt(step_dir)
     target = checkpointing.abstract_like(jax.eval_shape(lambda s: s, state),
@@ -170,10 +169,7 @@ def test_corrupt_checkpoint_names_directory(tmp_path, mesh8):
 
 def test_partial_restore_and_shape_mismatch(tmp_path, mesh8):
     state, shardings = _make_state(3, mesh8)
-    manager = checkpointing.create_manager(tmp_path, max_to_keep=None)
-    checkpointing.save(manager, 10, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save_one(tmp_path, 10, state)
 
     part = {"params": {"encoder": state.params["encoder"]},
             "batch_stats": state.batch_stats}
@@ -200,11 +196,8 @@ def test_partial_restore_and_shape_mismatch(tmp_path, mesh8):
 def test_relative_workdir_saves_and_restores(tmp_path, mesh8, monkeypatch):
     """`make demo` passes --workdir runs/demo: orbax needs absolute paths, we make them."""
     monkeypatch.chdir(tmp_path)
-    manager = checkpointing.create_manager("runs/rel", max_to_keep=1)
     state, shardings = _make_state(5, mesh8)
-    checkpointing.save(manager, 5, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save_one("runs/rel", 5, state, max_to_keep=1)
     ckdir = checkpointing.checkpoint_dir("runs/rel")
     assert os.path.isabs(ckdir) and ckdir == str(tmp_path / "runs" / "rel" / "checkpoints")
     assert checkpointing.latest_step("runs/rel") == 5
