@@ -4,7 +4,8 @@ Each child process embeds only its share of each target's images
 (``evaluation.embedding.embed_source``: contiguous shares, padded and masked
 batches, features all-gathered) with the real encoder path
 (``embedding.make_uint8_embed_fn`` on tests/tiny_encoder.py, params from a
-fixed key), on 37 in-memory images (odd: the shares differ by one; labels
+fixed key; each process fills only the rows of the global batch its devices
+hold), on 37 in-memory images (odd: the shares differ by one; labels
 travel with them), an IJB-C folder and a YTF folder written by the test. Both
 processes must get exactly what this process computes alone: the same
 features row for row (1e-5: the encoder is split over 4 devices there and 8
@@ -69,8 +70,9 @@ def run_case(root: str) -> dict:
     labels = rng.integers(0, 5, N_IMAGES)
     out = embedding.embed_source(embed_fn, embedding.ArraySource(images, labels), 6, flip=True)
     results = evaluation.run_targets([f"ijbc:{os.path.join(root, 'IJBC')}", "ytf_small"], embed_fn, config)
+    owned = embedding._process_rows(mesh, 8, (SIZE, SIZE, 3), jax.process_count())
     return {"features": out.features.tolist(), "labels": out.labels.tolist(), "xnorm": out.xnorm,
-            "results": results}
+            "results": results, "owned_rows": None if owned is None else owned.tolist()}
 
 
 def _free_port() -> int:
@@ -113,6 +115,7 @@ def test_two_processes_share_the_embedding_and_match_one(tmp_path):
     for pid in range(2):
         got = json.loads((tmp_path / f"out{pid}.json").read_text())
         assert got["process"] == [pid, 2, 4]
+        assert got["owned_rows"] == [4 * pid + r for r in range(4)]  # its devices' rows: no image gather
         np.testing.assert_allclose(got["features"], want["features"], rtol=1e-5, atol=1e-5)
         assert got["labels"] == want["labels"]
         assert got["xnorm"] == pytest.approx(want["xnorm"], rel=1e-5)

@@ -9,8 +9,8 @@ Two pieces, used by every evaluator, by ``broadface_jax.evaluate``,
   ``config.image_size`` when needed and runs the encoder on batches of one
   fixed size (zero-padded; the padding rows are dropped), so the encoder
   compiles once. With several processes it is *collective*: every process
-  calls it in lockstep with the same ``n``; the processes' images are
-  all-gathered into one global batch (process 0's rows first), the encoder
+  calls it in lockstep with the same ``n``; the processes' images form one
+  global batch (each process fills the rows its devices hold), the encoder
   runs sharded over every device (``train_step.make_embed_fn``) and each
   process gets its own rows back.
 * :func:`embed_source` embeds all images of an :class:`ImageSource` (an
@@ -261,6 +261,23 @@ def embed_images(embed_fn: EmbedFn, images: np.ndarray, batch_size: int,
 
 
 # ------------------------------------------------------------------ the encoder
+def _process_rows(mesh: Any, num_rows: int, image_shape: tuple, process_count: int) -> np.ndarray | None:
+    """Rows of a ``[num_rows, *image_shape]`` batch held by this process's devices, in order.
+
+    None when they are not a disjoint ``num_rows / process_count`` share (a
+    'model' axis spanning processes replicates rows across them).
+    """
+    from broadface_jax import sharding
+
+    index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((num_rows,) + image_shape)
+    spans = sorted({(idx[0].start or 0, num_rows if idx[0].stop is None else idx[0].stop)
+                    for idx in index_map.values()})
+    rows = np.concatenate([np.arange(a, b) for a, b in spans])
+    if rows.size != num_rows // process_count or np.unique(rows).size != rows.size:
+        return None
+    return rows
+
+
 def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
                         ) -> Callable[[Any, Any], EmbedFn]:
     """``bind(encoder_params, batch_stats) -> embed_fn`` (module docstring) for ``config``'s encoder.
@@ -272,7 +289,12 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
     (``ceil(config.eval.batch_size / P)`` rounded up to a multiple of the
     local device count; the last chunk zero-padded) so the encoder compiles
     once. With P > 1 processes every process must call it with the same
-    ``n`` (:func:`embed_source` does).
+    ``n`` (:func:`embed_source` does): the processes' chunks form one global
+    batch of ``P x chunk`` rows (``train_step.make_embed_fn``, sharded over
+    every device); each process fills only the rows its own devices hold
+    and reads back those rows' embeddings, so no image crosses processes
+    (when a 'model' axis spans processes, rows are replicated across them:
+    then the chunks are all-gathered first).
     """
     import jax
 
@@ -286,6 +308,7 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
     local_devices = max(1, mesh.size // pc)
     local_batch = _ceil_div(_ceil_div(batch, pc), local_devices) * local_devices
     size = int(config.image_size)
+    rows = _process_rows(mesh, pc * local_batch, (size, size, 3), pc) if pc > 1 else None
 
     @jax.jit
     def resize(x: jax.Array) -> jax.Array:
@@ -305,14 +328,21 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
                 if n < local_batch:
                     chunk = np.concatenate(
                         [chunk, np.zeros((local_batch - n,) + chunk.shape[1:], chunk.dtype)])
-                if pc > 1:  # one global batch: process 0's rows, then process 1's, ...
+                if pc > 1 and rows is None:  # gather: process 0's images, then process 1's, ...
                     chunk = _allgather(np.ascontiguousarray(chunk), pc).reshape(
                         (pc * local_batch,) + chunk.shape[1:])
                 x = input_pipeline.normalize_images(chunk.astype(np.float32), config)
                 if x.shape[1:3] != (size, size):
                     x = np.asarray(resize(x))
-                out = np.asarray(embed(params, batch_stats, x))
-                outs.append(out[pi * local_batch:pi * local_batch + n] if pc > 1 else out[:n])
+                if pc == 1:
+                    outs.append(np.asarray(embed(params, batch_stats, x))[:n])
+                elif rows is None:
+                    out = np.asarray(embed(params, batch_stats, x))
+                    outs.append(out[pi * local_batch:pi * local_batch + n])
+                else:  # this process fills only the rows its devices hold (untouched zero pages elsewhere)
+                    full = np.zeros((pc * local_batch,) + x.shape[1:], np.float32)
+                    full[rows] = x
+                    outs.append(np.asarray(embed(params, batch_stats, full))[rows][:n])
             if not outs:
                 return np.zeros((0, int(config.model.embedding_dim)), np.float32)
             return np.concatenate(outs).astype(np.float32)
