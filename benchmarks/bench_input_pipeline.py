@@ -75,7 +75,7 @@ def main() -> None:
     c = get_config()
     c.per_device_batch_size = args.batch // jax.local_device_count()
     c.image_size = 112
-    c.num_classes = builder.info.metadata["num_classes"]
+    c.num_classes = 0  # from the prepared data set's metadata
     c.dataset.name = "tfds"
     c.dataset.tfds_name = "lfw"
     c.dataset.split = "dev_train"

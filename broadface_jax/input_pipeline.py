@@ -504,6 +504,8 @@ def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
     tf = hide_gpus_from_tensorflow()
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if int(config.num_classes) == 0:  # labels are checked against the metadata's count
+        config = resolve_num_classes(config)
     process_index, process_count = jax.process_index(), jax.process_count()
     source = _make_source(config, process_index, process_count)
     stream = IndexStream(source.num_examples, sharding.local_batch_size(config), config.seed,

@@ -154,6 +154,8 @@ def test_num_classes_from_the_data_sets_metadata(folder_data):
                                          rf"image_folder \(.*\) split 'train' has {NUM_IDS} "
                                          "identities"):
         ip.resolve_num_classes(c)
+    c.num_classes = 0  # the pipeline checks labels against the metadata's count
+    assert next(ip.create_train_iterator(c))["label"].shape == (8,)
     s = _synthetic_config()
     s.num_classes = 0
     assert ip.resolve_num_classes(s).num_classes == 6  # synthetic: its training identities
