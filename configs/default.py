@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- loop, logging, checkpoints, evaluation
     c.log_every_steps = 100
     # > 0: trace that many steps for TensorBoard's profile tab (workdir/tensorboard), from
-    # the 5th step after the run (re)starts, so compilation stays out of the trace
+    # the 6th step after the run (re)starts on, so compilation stays out of the trace
     c.profile_steps = 0
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3
