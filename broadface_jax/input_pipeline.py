@@ -181,8 +181,9 @@ def _tfds_builder(config: Any):
     ds_cfg = config.dataset
     name, split = ds_cfg.tfds_name, ds_cfg.split
     data_dir = ds_cfg.data_dir or None
-    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
-        raise FileNotFoundError(f"config.dataset.data_dir {data_dir} does not exist (data set {name})")
+    if data_dir is not None and "://" not in data_dir and not pathlib.Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.dataset.data_dir={data_dir!r} does not exist (the TFDS "
+                                f"data directory with the prepared data set {name})")
     builder = datasets.get_builder(name, data_dir)
     if not builder.is_prepared():
         raise FileNotFoundError(

@@ -126,13 +126,11 @@ class Schedule:
 
 
 def _check_paths(config: Any) -> None:
-    """Fails early, naming the config field, when a local input path is missing."""
-    data_dir = str(config.dataset.data_dir)
-    if (config.dataset.name == "tfds" and data_dir and "://" not in data_dir
-            and not os.path.isdir(data_dir)):
-        raise FileNotFoundError(
-            f"config.dataset.data_dir={data_dir!r} does not exist (the TFDS data "
-            "directory with the prepared training set)")
+    """Fails early, naming the config field, when ``config.init_from`` is missing.
+
+    (A missing data directory is named by ``input_pipeline.resolve_num_classes``,
+    which reads the data set's metadata before anything is written.)
+    """
     init_from = str(config.init_from)
     from broadface_jax import interop  # noqa: PLC0415 (weights files: .pth / .pt / .onnx)
 
