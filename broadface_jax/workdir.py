@@ -35,6 +35,15 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 REPLACED_METRICS_FILE = "metrics.replaced.jsonl"
 
+#: Layout of the saved train state, recorded in ``config.json`` under
+#: :data:`FORMAT_KEY`. A resume refuses a workdir of another format with one
+#: clear message instead of a list of missing checkpoint leaves. History:
+#: 1 (no key): up to 2026-12-01; 2: ``TrainState.loss_state`` (stateful
+#: losses), the optimizer state of ``optax.inject_hyperparams`` (the applied
+#: lr), margin fields a loss does not use recorded as None.
+STATE_FORMAT = 2
+FORMAT_KEY = "broadface_jax.state_format"
+
 #: Dotted prefixes whose change alters what the saved state means.
 STATE_FIELDS = ("seed", "model", "num_classes", "queue.size_per_device", "queue.compensate",
                 "per_device_batch_size", "image_size", "dataset.name", "dataset.tfds_name",
@@ -187,7 +196,7 @@ def record_or_compare_config(workdir: str, config: Any, resuming: bool,
       ResumeConfigError: listing every refused difference and how to allow it.
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    current = flatten(config)
+    current = {**flatten(config), FORMAT_KEY: STATE_FORMAT}
     exists = os.path.exists(path) if _is_local(workdir) else _epath(path).exists()
     if not exists or not resuming:
         if not write:
@@ -208,6 +217,16 @@ def record_or_compare_config(workdir: str, config: Any, resuming: bool,
     except (OSError, ValueError) as e:
         raise ResumeConfigError(f"{path} cannot be read ({e}); it records the run's "
                                 "config: restore it or remove it to record the current one")
+    saved_format = saved.pop(FORMAT_KEY, 1)
+    current.pop(FORMAT_KEY)
+    if saved_format != STATE_FORMAT:
+        raise ResumeConfigError(
+            f"workdir {workdir} holds checkpoints in state format {saved_format} ({path}), "
+            f"written by an older broadface_jax; this version writes format {STATE_FORMAT} "
+            "(the optimizer and loss state changed) and cannot resume them. Resume with the "
+            "version that started the run, or start a new --workdir from this one's weights: "
+            f"--config.init_from={workdir} (encoder, and the classifier with "
+            "config.init_classifier=True); the checkpoints here are left as they are")
     refused, accepted = compare_configs(saved, current, str(config.get("allow_resume_changes", "")))
     if refused:
         fields = ",".join(line.split(":")[0] for line in refused)

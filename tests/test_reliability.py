@@ -534,6 +534,27 @@ def test_resume_refuses_state_changing_config_and_logs_harmless_changes(tmp_path
     assert checkpointing.all_steps(run)[-1] == 3
 
 
+def test_resume_refuses_a_workdir_of_another_state_format(tmp_path):
+    """A workdir written before the state layout changed gets one message, and is left as is."""
+    from tests.test_train import tiny_model
+
+    run = tmp_path / "run"
+    train.train_and_evaluate(_config({"total_steps": 2}), run, model=tiny_model())
+    path = run / workdir.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    assert saved[workdir.FORMAT_KEY] == workdir.STATE_FORMAT
+    del saved[workdir.FORMAT_KEY]  # as written by a version before the format was recorded
+    path.write_text(json.dumps(saved))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(workdir.ResumeConfigError) as info:
+        train.train_and_evaluate(_config({"total_steps": 3}), run, model=tiny_model())
+    text = str(info.value)
+    assert f"state format 1 ({path})" in text and f"writes format {workdir.STATE_FORMAT}" in text
+    assert f"--config.init_from={run}" in text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert not (run / checkpointing.SET_ASIDE_SUBDIR).exists()
+
+
 def test_compare_configs_rules():
     saved = {"seed": 0, "model.name": "iresnet50", "lr": 0.1, "eval.targets": ["lfw_dev"],
              "dataset.data_dir": "/a"}
