@@ -132,21 +132,38 @@ def embed_faces(config: Any, params: Any, batch_stats: Any, faces: np.ndarray,
 
     The evaluators' embedding path (``evaluation.embedding``: fixed-size
     zero-padded batches of ``config.eval.batch_size``, so the encoder
-    compiles once); ``progress`` is kept for the command's interface.
+    compiles once); ``progress`` shows a bar on stderr counting the images
+    embedded (each mirror counted too when ``flip``; padding rows not).
     """
     import jax
 
     from broadface_jax import sharding
     from broadface_jax.evaluation import embedding
 
-    del progress
     d = int(config.model.embedding_dim)
     if len(faces) == 0:
         return np.zeros((0, d), np.float32)
     mesh = sharding.make_mesh(config.mesh)
     params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
     embed_fn = embedding.make_uint8_embed_fn(config, mesh)(params, batch_stats)
-    features, _ = embedding.embed_images(embed_fn, faces, max(1, int(config.eval.batch_size)), flip)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(faces) * (2 if flip else 1), desc="embedding", unit="img",
+                   file=sys.stderr)
+        inner = embed_fn
+
+        def embed_fn(batch: np.ndarray) -> np.ndarray:  # noqa: F811 (counts, then embeds)
+            out = inner(batch)
+            bar.update(min(len(batch), bar.total - bar.n))
+            return out
+    try:
+        features, _ = embedding.embed_images(embed_fn, faces, max(1, int(config.eval.batch_size)),
+                                             flip)
+    finally:
+        if bar is not None:
+            bar.close()
     return features
 
 

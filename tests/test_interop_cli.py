@@ -87,7 +87,7 @@ def test_warm_start_from_pth_then_broadface_steps(tmp_path):
         train._check_paths(config)
 
 
-def test_convert_then_evaluate_export_and_embed(tmp_path, shared_data):
+def test_convert_then_evaluate_export_and_embed(tmp_path, shared_data, capsys):
     config = smoke_config()
     out = tmp_path / "imported"
     record = convert.convert(config, RANKS, str(out))
@@ -122,7 +122,10 @@ def test_convert_then_evaluate_export_and_embed(tmp_path, shared_data):
         crops.append(crop)
     (faces_dir / "broken.jpg").write_bytes(b"not a jpeg")
     feats = tmp_path / "feats.npz"
-    result = embed.run(config, str(faces_dir), str(feats), workdir=str(out), progress=False)
+    capsys.readouterr()
+    result = embed.run(config, str(faces_dir), str(feats), workdir=str(out), progress=True)
+    bars = capsys.readouterr().err
+    assert "embedding: 100%" in bars and "6/6" in bars  # 3 faces and their mirrors
     saved = np.load(feats)
     assert list(saved["names"]) == ["face0.png", "face1.png", "face2.png"]
     assert list(saved["skipped"]) == ["broken.jpg"]
