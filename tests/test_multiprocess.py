@@ -167,6 +167,7 @@ def _reference_run(config, ref_dir: pathlib.Path, steps: int, monkeypatch) -> No
         train.train_and_evaluate(config, ref_dir)
 
 
+@pytest.mark.slow  # two child JAX processes train with gloo, then a reference run
 @pytest.mark.skipif(jax.device_count() != NUM_PROCESSES * LOCAL_DEVICES,
                     reason="the reference run needs 8 devices (tests/conftest.py)")
 def test_two_processes_match_single_process(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from scipy import stats
 from benchmarks import paper_analyses
 
 
+@pytest.mark.slow  # trains stage 1 and two stage-2 arms for real (~1-4 min on 2 cores)
 def test_quick_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
     out, work = tmp_path / "out", tmp_path / "runs"
