@@ -222,6 +222,8 @@ def validate_config(config: Any, mesh: Mesh) -> None:
 
 
 def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState]:
+    from broadface_jax import models
+
     tx, _ = make_optimizer(config)
     loss = losses.build(config.loss)
     c_pad = padded_num_classes(config, mesh)
@@ -230,8 +232,7 @@ def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState
 
     def init(rng):
         k_model, k_cls, k_state = jax.random.split(rng, 3)
-        variables = model.init({"params": k_model, "dropout": k_model},
-                               jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+        variables = models.init_variables(model, size, k_model)
         # insightface: classifier rows ~ N(0, 0.01^2)
         kernel = 0.01 * jax.random.normal(k_cls, (c_pad, dim), jnp.float32)
         params = {"encoder": variables["params"], "classifier": {"kernel": kernel}}

@@ -132,17 +132,13 @@ class PairVerificationEvaluator(_LazyTarget):
                                                   data.issame, folds=data.folds)
         metrics = result.metrics()
         metrics["xnorm"] = xnorm
-        if out_dir is not None and _is_main_process():
+        from broadface_jax import distributed
+
+        if out_dir is not None and distributed.is_main_process():
             os.makedirs(out_dir, exist_ok=True)
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
             verification.plot_roc(result, os.path.join(out_dir, f"roc_{safe}.png"), self.name)
         return metrics
-
-
-def _is_main_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0
 
 
 # ------------------------------------------------------------------ caching

@@ -146,14 +146,6 @@ def _resnet(stage_sizes: tuple[int, ...]) -> list[Op]:
     return ops
 
 
-#: What each source format calls the architectures (for messages).
-SOURCES = {
-    "iresnet": "insightface arcface_torch backbones/iresnet.py (backbone.pth, model.pt)",
-    "mobilefacenet": "insightface arcface_torch backbones/mobilefacenet.py (mbf)",
-    "resnet": "torchvision models/resnet.py (resnet50-*.pth)",
-}
-
-
 def family(model_name: str) -> str:
     """``iresnet`` | ``mobilefacenet`` | ``resnet`` for a :data:`models.REGISTRY` name."""
     from broadface_jax import models  # noqa: PLC0415 (the registry only; no JAX import)

@@ -20,7 +20,7 @@ into it (``fold_bn``), as arcface_torch's exported packs are.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -104,16 +104,6 @@ def read_onnx_layers(path: str | os.PathLike) -> list[OnnxLayer]:
         raise OnnxFileError(f"{path}: the graph has no Conv/BatchNormalization/Gemm nodes with "
                             "stored weights (not a recognition model?)")
     return layers
-
-
-def onnx_input_size(path: str | os.PathLike) -> Optional[tuple[int, int]]:
-    """``(H, W)`` of the first graph input when static, else None."""
-    onnx = _onnx()
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) == 4 and dims[2].dim_value and dims[3].dim_value:
-        return int(dims[2].dim_value), int(dims[3].dim_value)
-    return None
 
 
 # ------------------------------------------------------------------ export
