@@ -290,7 +290,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two child JAX processes over gloo
 def test_two_process_gloo_on_localhost(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
