@@ -248,8 +248,13 @@ def create_manager(workdir: str | os.PathLike, *, max_to_keep: Optional[int],
 
 def _reader(folder: str) -> ocp.CheckpointManager:
     """A read-only manager for a folder of checkpoints (not necessarily ours)."""
+    # No barrier: a reader may be created on one process and not another (a
+    # step listing that finds the folder on one process only because process 0
+    # just created it), and orbax's root-metadata save is a global barrier
+    # even when read-only; a barrier on one process pairs with another barrier
+    # elsewhere ("sync_global_devices name mismatch") or hangs.
     options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0)
+                                           save_interval_steps=0, save_root_metadata=False)
     # StandardSave writes the PyTree format; reading it with the PyTree handler
     # also allows partial restores (warm starts).
     return ocp.CheckpointManager(folder, options=options,

@@ -80,6 +80,31 @@ def _save_one(workdir, step: int, state, max_to_keep=None) -> None:
     manager.close()
 
 
+def test_listing_steps_runs_no_multihost_barrier(tmp_path, mesh8, monkeypatch):
+    """Readers must be barrier-free: one process may list steps where another does not.
+
+    (The 2-process training test failed once with process 1 in orbax's
+    'save_root_metadata' barrier of a read-only manager while process 0 was in
+    'create_directory': process 1 listed the steps just after process 0 had
+    created the folder.)
+    """
+    from orbax.checkpoint._src.multihost import multihost
+
+    state, shardings = _make_state(0, mesh8)
+    _save_one(tmp_path, 3, state)
+    barriers = []
+    monkeypatch.setattr(multihost, "sync_global_processes",
+                        lambda name, *a, **k: barriers.append(name))
+    assert checkpointing.all_steps(tmp_path) == [3]
+    assert barriers == []  # listing: none at all
+    abstract = jax.eval_shape(lambda s: s, state)
+    restored = checkpointing.restore(tmp_path, checkpointing.abstract_like(abstract, shardings))
+    np.testing.assert_array_equal(np.asarray(restored.params["classifier"]["kernel"]),
+                                  state.params["classifier"]["kernel"])
+    # Restoring is collective (every process restores): only the restore's own barrier.
+    assert [b for b in barriers if "restore" not in b] == []
+
+
 def test_round_trip_reshards_onto_other_mesh(tmp_path, mesh8):
     state, _ = _make_state(0, mesh8)
     _save_one(tmp_path, 7, state, max_to_keep=2)
