@@ -7,8 +7,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +16,7 @@ import pytest
 
 from broadface_jax import distributed
 from broadface_jax.distributed import DistributedArgs, plan
+from tests import local_cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -284,37 +283,17 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_on_localhost(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     seed = int(np.random.default_rng().integers(0, 2**31))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    procs = []
+    procs = local_cluster.start(
+        [[sys.executable, str(script), str(tmp_path / f"out{pid}.json"), str(seed)]
+         for pid in range(2)], local_cluster.child_env(2))
     try:
-        for pid in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / f"out{pid}.json"), str(seed),
-                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={pid}", "--cpu_collectives=gloo",
-                 "--distributed_init_timeout=90"],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
-        for pid, (p, text) in enumerate(zip(procs, outputs)):
-            assert p.returncode == 0, f"process {pid} failed:\n{text[-3000:]}"
+        local_cluster.wait_ok(procs, timeout=180)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        local_cluster.kill(procs)
 
     locals_ = [np.random.default_rng([seed, pid]).normal(size=(2, 3)).astype(np.float32)
                for pid in range(2)]

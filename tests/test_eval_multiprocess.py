@@ -18,12 +18,12 @@ import json
 import os
 import pathlib
 import runpy
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests import local_cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_IMAGES, SIZE = 37, 16
@@ -75,12 +75,6 @@ def run_case(root: str) -> dict:
             "results": results, "owned_rows": None if owned is None else owned.tolist()}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~50 s on 2 busy cores: two child processes start JAX and compile the encoder
 def test_two_processes_share_the_embedding_and_match_one(tmp_path):
     from tests import eval_folders
@@ -90,26 +84,14 @@ def test_two_processes_share_the_embedding_and_match_one(tmp_path):
     eval_folders.write_ytf(tmp_path / "ytf", rng, size=SIZE)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-    procs = []
+    env = local_cluster.child_env(2, PYTHONPATH=str(REPO))
+    procs = local_cluster.start(
+        [[sys.executable, str(script), str(tmp_path / f"out{pid}.json"), str(tmp_path)]
+         for pid in range(2)], env)
     try:
-        for pid in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / f"out{pid}.json"), str(tmp_path),
-                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={pid}", "--cpu_collectives=gloo", "--distributed_init_timeout=90"],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-        for pid, (p, text) in enumerate(zip(procs, outputs)):
-            assert p.returncode == 0, f"process {pid} failed:\n{text[-3000:]}"
+        local_cluster.wait_ok(procs, timeout=240)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        local_cluster.kill(procs)
 
     want = run_case(str(tmp_path))  # this process: 1 process, 8 devices
     for pid in range(2):

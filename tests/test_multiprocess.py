@@ -45,9 +45,7 @@ changed in between.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -56,6 +54,7 @@ import numpy as np
 import pytest
 
 from broadface_jax import checkpointing, input_pipeline, sharding, train, train_step
+from tests import local_cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -77,47 +76,17 @@ def _config():
     return config
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_children(workdir: pathlib.Path) -> list[subprocess.Popen]:
     """Starts both processes (the caller waits for them and kills what is left)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    procs: list[subprocess.Popen] = []
-    try:
-        for pid in range(NUM_PROCESSES):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "broadface_jax.main", "--config", CONFIG,
-                 "--workdir", str(workdir),
-                 *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
-                 f"--coordinator_address=127.0.0.1:{port}",
-                 f"--num_processes={NUM_PROCESSES}", f"--process_id={pid}",
-                 "--cpu_collectives=gloo", "--distributed_init_timeout=60"],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    except BaseException:
-        _kill(procs)
-        raise
-    return procs
+    command = [sys.executable, "-m", "broadface_jax.main", "--config", CONFIG,
+               "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+    return local_cluster.start([command] * NUM_PROCESSES, local_cluster.child_env(LOCAL_DEVICES),
+                               init_timeout=60)
 
 
 def _wait_children(procs: list[subprocess.Popen]) -> None:
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for pid, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {pid} failed:\n{text[-4000:]}"
+    outputs = local_cluster.wait_ok(procs, timeout=240, tail=4000)
     assert "JAX process 1 / 2, 4 local / 8 global devices" in outputs[1], outputs[1][-2000:]
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def _process_batches(config, pid: int, steps: int, monkeypatch) -> list[dict]:
@@ -179,7 +148,7 @@ def test_two_processes_match_single_process(tmp_path, monkeypatch):
         _reference_run(config, ref_dir, steps, monkeypatch)
         _wait_children(procs)
     finally:
-        _kill(procs)
+        local_cluster.kill(procs)
 
     multi, ref = _records(multi_dir), _records(ref_dir)
     assert sorted(multi) == sorted(ref) == list(range(1, steps + 1))
