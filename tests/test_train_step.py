@@ -91,11 +91,14 @@ def test_empty_queue_step_equals_plain_arcface_step():
         np.testing.assert_allclose(float(metrics["loss_encoder"]), float(loss), rtol=1e-6)
 
 
-def _np_eq9(W, emb, labels, q):
-    """float64 Eq. 9 as a function of the classifier W; e* frozen at the current W."""
+def _np_eq9(W, emb, labels, q, compensate=True):
+    """float64 Eq. 9 as a function of the classifier W; e* frozen at the current W.
+
+    ``compensate=False``: the stale e⁻ as stored stands in for e* (queue.compensate off).
+    """
     valid = q["valid"]
     e_old, w_old, ql = q["embeddings"][valid], q["weights"][valid], q["labels"][valid]
-    e_star = np_compensate(e_old, w_old, W[ql])
+    e_star = np_compensate(e_old, w_old, W[ql]) if compensate else e_old
 
     def loss(Wm):
         total = np_margin_ce(emb, Wm, labels).sum() + np_margin_ce(e_star, Wm, ql).sum()
@@ -104,10 +107,11 @@ def _np_eq9(W, emb, labels, q):
     return loss
 
 
-def test_encoder_sees_batch_only_and_classifier_gradient_is_eq9():
+@pytest.mark.parametrize("compensate", [True, False], ids=["compensated", "stale"])
+def test_encoder_sees_batch_only_and_classifier_gradient_is_eq9(compensate):
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=6, queue=12, chunk=6)
+    cfg = tiny_config(per_device_batch=6, queue=12, chunk=6, compensate=compensate)
     # classifier: plain SGD with lr 1 so that W_new = W - dL/dW
     cfg.optimizer.classifier.momentum = 0.0
     cfg.optimizer.classifier.weight_decay = 0.0
@@ -139,7 +143,7 @@ def test_encoder_sees_batch_only_and_classifier_gradient_is_eq9():
     q["embeddings"] = q["embeddings"].astype(np.float64)
     q["weights"] = q["weights"].astype(np.float64)
     W64 = np.asarray(s_host.params["classifier"]["kernel"], np.float64)
-    loss = _np_eq9(W64, np.asarray(emb, np.float64), batch["label"], q)
+    loss = _np_eq9(W64, np.asarray(emb, np.float64), batch["label"], q, compensate)
     h = 1e-6
     g_ref = np.zeros_like(W64)
     for idx in np.ndindex(*W64.shape):
