@@ -42,7 +42,7 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
       The ``import.json`` record.
 
     Raises:
-      FileExistsError: ``workdir`` already holds checkpoints.
+      FileExistsError: ``workdir`` already holds checkpoints or a ``config.json``.
       and everything ``interop.import_model`` raises.
     """
     import jax
@@ -54,6 +54,10 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
     if checkpointing.latest_step(workdir) is not None:
         raise FileExistsError(f"--workdir={workdir!r} already holds checkpoints "
                               f"({checkpointing.checkpoint_dir(workdir)}); choose a new folder")
+    recorded = os.path.join(checkpointing.absolute(workdir), workdir_lib.CONFIG_FILE)
+    if os.path.exists(recorded):
+        raise FileExistsError(f"--workdir={workdir!r} already holds a run's config ({recorded}); "
+                              "choose a new folder")
     imported = interop.import_model(spec, config, with_classifier=with_classifier)
     params: dict = {"encoder": imported.params}
     if imported.classifier is not None:

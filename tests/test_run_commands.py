@@ -310,7 +310,7 @@ def test_clear_cache(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.slow  # a training run and three commands, each a process (~1 min on 2 cores)
+@pytest.mark.slow  # a training run and three commands, each a process (1-6 min on 2 busy cores)
 def test_commands_run_on_a_trained_workdir_without_config(tmp_path):
     run = tmp_path / "run"
     proc = _run("broadface_jax.main", "--config=configs/demo.py:smoke", f"--workdir={run}",
@@ -333,3 +333,11 @@ def test_commands_run_on_a_trained_workdir_without_config(tmp_path):
     proc = _run("broadface_jax.evaluate", f"--workdir={run}", "--targets=synthetic")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Verification at step 1" in proc.stdout
+
+
+def test_convert_never_replaces_a_recorded_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model.name": "iresnet50"}\n')
+    with pytest.raises(FileExistsError, match=r"already holds a run's config .*config\.json"):
+        convert.convert(smoke_config(), BACKBONE, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == '{"model.name": "iresnet50"}\n'
+    assert not (tmp_path / "checkpoints").exists()
