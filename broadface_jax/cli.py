@@ -162,6 +162,8 @@ def load_config_for_run(run: str | None, flag_name: str = "config"):
     from broadface_jax import restore  # noqa: PLC0415
 
     if flags.FLAGS[flag_name].value is None and not flags.FLAGS[flag_name].present:
+        if run and "://" not in run and not os.path.exists(run):
+            fail(f"{run}: no such run folder (--workdir / --checkpoint)", EXIT_USAGE)
         where = f" ({run} records no config.json)" if run else ""
         fail(f"--{flag_name} is required{where}: give configs/X.py[:variant] describing the "
              "model, or --workdir of a run that recorded its config", EXIT_USAGE)
