@@ -31,14 +31,25 @@ setup(
         "scikit-learn>=1.4",
         "scipy>=1.10",  # evaluation: sparse template pooling (IJB); already a scikit-learn dependency
         "matplotlib>=3.8",
+        "tqdm>=4.66",  # progress bars of evaluate / embed
     ],
+    entry_points={
+        # Aliases of the `python -m broadface_jax.<module>` commands.
+        "console_scripts": [
+            "broadface-train = broadface_jax.main:cli_main",
+            "broadface-evaluate = broadface_jax.evaluate:cli_main",
+            "broadface-embed = broadface_jax.embed:cli_main",
+            "broadface-export = broadface_jax.export:cli_main",
+            "broadface-convert = broadface_jax.convert:cli_main",
+            "broadface-prepare = broadface_jax.prepare:cli_main",
+        ],
+    },
     extras_require={
         # interop: ONNX import/export (own graph writer on onnx.helper; see
-        # broadface_jax/export.py for why not jax2onnx / tf2onnx) and embed's progress bar.
+        # broadface_jax/export.py for why not jax2onnx / tf2onnx).
         # PyTorch is never needed: .pth files are read by broadface_jax.interop.torchfile.
-        "interop": ["onnx>=1.17", "onnxruntime>=1.20", "tqdm>=4.66"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5",
-                 "onnx>=1.17", "onnxruntime>=1.20", "tqdm>=4.66"],
+        "interop": ["onnx>=1.17", "onnxruntime>=1.20"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "onnx>=1.17", "onnxruntime>=1.20"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },

@@ -409,10 +409,11 @@ class Measurer:
                  ) -> dict[str, dict[str, float]]:
         import jax
 
-        from broadface_jax import checkpointing, evaluation, train
+        from broadface_jax import checkpointing, evaluation
+        from broadface_jax.evaluation import embedding
 
         state = checkpointing.restore(str(workdir), self.target, step)
-        bind = train.make_uint8_embed_fn(self.config, self.mesh, self.model)
+        bind = embedding.make_uint8_embed_fn(self.config, self.mesh, self.model)
         fn = bind(jax.device_get(state.params["encoder"]), jax.device_get(state.batch_stats))
         return evaluation.run_targets(tuple(targets), fn, self.config)
 

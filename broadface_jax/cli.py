@@ -16,6 +16,7 @@ locked.
 from __future__ import annotations
 
 import importlib.util
+import logging as py_logging
 import os
 import pathlib
 import sys
@@ -90,3 +91,128 @@ def fail(message: str, code: int) -> None:
     logging.flush()
     print(f"broadface_jax: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+# ------------------------------------------------- --config from the workdir (read-only commands)
+
+#: A config file whose ``get_config(workdir)`` is the config ``<workdir>/config.json`` records.
+WORKDIR_CONFIG_FILE = str(pathlib.Path(__file__).with_name("workdir_config.py"))
+_CONFIG_FROM_WORKDIR: dict[str, str] = {}  # flag name -> the workdir whose config.json was read
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def recorded_config_dir(path: str | None) -> str | None:
+    """The run folder whose ``config.json`` describes ``path`` (a workdir, its checkpoints, a step)."""
+    if not path or "://" in path:
+        return path or None
+    p = pathlib.Path(path).absolute()
+    for candidate in (p, p.parent, p.parent.parent):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return None
+
+
+def workdir_config_parser(sources: tuple[str, ...] = ("checkpoint", "workdir"),
+                          flag_name: str = "config"):
+    """An ``app.run`` ``flags_parser`` that makes ``--config`` optional.
+
+    Without ``--config`` on the command line, the config the run recorded
+    (``config.json`` of the first of ``--checkpoint`` / ``--workdir`` given,
+    found in it or in a folder above a step folder) is loaded instead, as if
+    ``--config`` had named it: ``--config.FIELD=VALUE`` overrides still
+    apply. :func:`load_config_for_run` then refuses model fields that differ
+    from the run's.
+    """
+    from absl import app  # noqa: PLC0415
+
+    def parse(argv: list[str]) -> list[str]:
+        args = list(argv)
+        given = any(a == f"--{flag_name}" or a.startswith(f"--{flag_name}=") for a in args[1:])
+        if not given:
+            for source in sources:
+                run = recorded_config_dir(_flag_value(args[1:], source))
+                if run:
+                    args.insert(1, f"--{flag_name}={WORKDIR_CONFIG_FILE}:{run}")
+                    _CONFIG_FROM_WORKDIR[flag_name] = run
+                    break
+        return app.parse_flags_with_usage(args)
+
+    return parse
+
+
+def load_config_for_run(run: str | None, flag_name: str = "config"):
+    """:func:`load_config`, for a command on a run (``evaluate``, ``embed``, ``export``).
+
+    ``--config`` absent: the run's recorded config (see
+    :func:`workdir_config_parser`); absent with no recorded config: one line
+    asking for it. ``--config`` given and ``run`` recording a config: the
+    fields that give the encoder its shape (``model.*``, ``image_size``)
+    must be the run's, else one line per field (``model.width: workdir
+    0.125, given 1.0``) and :data:`EXIT_USAGE`. Evaluation fields (targets,
+    batch size, data folders) may differ.
+    """
+    from broadface_jax import restore  # noqa: PLC0415
+
+    if flags.FLAGS[flag_name].value is None and not flags.FLAGS[flag_name].present:
+        if run and "://" not in run and not os.path.exists(run):
+            fail(f"{run}: no such run folder (--workdir / --checkpoint)", EXIT_USAGE)
+        where = f" ({run} records no config.json)" if run else ""
+        fail(f"--{flag_name} is required{where}: give configs/X.py[:variant] describing the "
+             "model, or --workdir of a run that recorded its config", EXIT_USAGE)
+    config = load_config(flag_name)
+    recorded_run = _CONFIG_FROM_WORKDIR.get(flag_name) or recorded_config_dir(run)
+    if recorded_run:  # also catches --config.model.* overrides of a recorded config
+        try:
+            recorded = restore.read_recorded(recorded_run)
+        except (OSError, ValueError) as e:
+            fail(str(e), EXIT_USAGE)
+        differences = restore.model_differences(recorded, config)
+        if differences:
+            fail(f"--{flag_name} describes another model than the one in {recorded_run} "
+                 f"({restore.config_path(recorded_run)}); leave --{flag_name} out to use the "
+                 "run's, or make these fields agree:\n  " + "\n  ".join(differences),
+                 EXIT_USAGE)
+    return config
+
+
+# ------------------------------------------------- a few lines, not a log dump (read-only commands)
+
+
+class _OwnLinesOnly(py_logging.Filter):
+    """Keeps broadface_jax's own log records and every ERROR; drops other libraries' INFO/WARNING."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno >= py_logging.ERROR:
+            return True
+        return "/broadface_jax/" in record.pathname.replace("\\", "/")
+
+
+def quiet_third_party_logs(flag_name: str = "verbosity") -> bool:
+    """Hides other libraries' INFO / WARNING lines unless ``--verbosity`` was given; True if hidden.
+
+    For the commands that only read a run (``evaluate``, ``embed``,
+    ``export``, ``convert``, ``prepare``): orbax's "Given directory is read
+    only" and manager options, JAX's backend probing, TensorFlow's C++
+    notices (oneDNN; ``TF_CPP_MIN_LOG_LEVEL``, so call this before
+    TensorFlow is imported) and Python warnings. Errors always show. Orbax's
+    INFO chatter stays off either way (``checkpointing.quiet_orbax_logging``).
+    """
+    from broadface_jax import checkpointing  # noqa: PLC0415
+
+    checkpointing.quiet_orbax_logging()
+    if flag_name in flags.FLAGS and flags.FLAGS[flag_name].present:
+        return False
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    py_logging.captureWarnings(True)
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
+        handler.addFilter(_OwnLinesOnly())
+    return True

@@ -22,10 +22,11 @@ matches are suggested among those names only.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from typing import Any, Callable, Iterable
+
+from broadface_jax.suggest import did_you_mean as _suggest
 
 OPTIMIZER_NAMES = ("sgd", "adam")
 CLASSIFIER_SHARDINGS = ("replicated", "model", "all")
@@ -45,11 +46,6 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _suggest(value: Any, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _one_of(choices: Iterable[str]) -> Callable[[Any], str | None]:

@@ -2,8 +2,8 @@
 
     python -m broadface_jax.convert --config configs/default.py \\
         --from ~/models/ms1mv3_arcface_r100/backbone.pth --workdir runs/r100_imported
-    python -m broadface_jax.evaluate --config configs/default.py \\
-        --workdir runs/r100_imported --targets bin:data/lfw.bin,bin:data/cfp_fp.bin
+    python -m broadface_jax.evaluate --workdir runs/r100_imported \\
+        --targets bin:data/lfw.bin,bin:data/cfp_fp.bin
 
 ``--from`` is an arcface_torch ``backbone.pth`` / ``model.pt``, all rank files
 of an arcface_torch checkpoint (``'ckpt/checkpoint_gpu_*.pt'``: their softmax
@@ -16,7 +16,9 @@ Writes ``<workdir>/checkpoints/0`` holding ``params.encoder``
 (+ ``params.classifier``) and ``batch_stats`` — the parts that
 ``broadface_jax.evaluate`` and ``--config.init_from=<workdir>`` read — and
 ``<workdir>/import.json`` (source, leaves without a counterpart, folded
-BatchNorms). The folder is an import, not a run: train into another workdir
+BatchNorms) and ``<workdir>/config.json`` (the ``--config`` given, as training
+records its own), so ``evaluate`` / ``embed`` / ``export`` on this folder need
+no ``--config``. The folder is an import, not a run: train into another workdir
 with ``--config.init_from`` pointing here (or at the weights file itself).
 """
 
@@ -40,17 +42,22 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
       The ``import.json`` record.
 
     Raises:
-      FileExistsError: ``workdir`` already holds checkpoints.
+      FileExistsError: ``workdir`` already holds checkpoints or a ``config.json``.
       and everything ``interop.import_model`` raises.
     """
     import jax
     import numpy as np
 
     from broadface_jax import checkpointing, interop
+    from broadface_jax import workdir as workdir_lib
 
     if checkpointing.latest_step(workdir) is not None:
         raise FileExistsError(f"--workdir={workdir!r} already holds checkpoints "
                               f"({checkpointing.checkpoint_dir(workdir)}); choose a new folder")
+    recorded = os.path.join(checkpointing.absolute(workdir), workdir_lib.CONFIG_FILE)
+    if os.path.exists(recorded):
+        raise FileExistsError(f"--workdir={workdir!r} already holds a run's config ({recorded}); "
+                              "choose a new folder")
     imported = interop.import_model(spec, config, with_classifier=with_classifier)
     params: dict = {"encoder": imported.params}
     if imported.classifier is not None:
@@ -73,6 +80,8 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
         with open(os.path.join(checkpointing.absolute(workdir), "import.json"), "w",
                   encoding="utf-8") as f:
             json.dump(record, f, indent=2)
+        workdir_lib.record_or_compare_config(checkpointing.absolute(workdir), config,
+                                             resuming=False)
     return record
 
 
@@ -93,9 +102,9 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from broadface_jax import checkpointing, interop
+    from broadface_jax import interop
 
-    checkpointing.quiet_orbax_logging()
+    cli.quiet_third_party_logs()
     config = cli.load_config()
     try:
         record = convert(config, _FROM.value, _WORKDIR.value, _CLASSIFIER.value)
@@ -111,6 +120,11 @@ def main(argv: Sequence[str]) -> None:
           f"{len(record['fresh_leaves'])}", flush=True)
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """The ``broadface-convert`` console script: ``python -m broadface_jax.convert``."""
     _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli_main()

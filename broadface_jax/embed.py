@@ -1,7 +1,6 @@
 """Embed face images with a trained run or an imported model; write features and names.
 
-    python -m broadface_jax.embed --config configs/default.py --workdir runs/paper \\
-        --images faces/ --out feats.npz
+    python -m broadface_jax.embed --workdir runs/paper --images faces/ --out feats.npz
     python -m broadface_jax.embed --config configs/default.py --from backbone.pth \\
         --images photos.txt --landmarks photos_5pts.txt --out feats.npz
 
@@ -20,7 +19,10 @@ Embeddings are flip-summed (``f(x) + f(flip(x))``, as the evaluators do;
 holds ``features`` f32[N, D], ``names`` (the N embedded paths, as given),
 ``skipped`` and ``skipped_reason`` (images that could not be read or have no
 landmarks: listed there and on stderr, never silently dropped), and
-``flip``.
+``flip``. The model is the run's (its ``config.json``) unless ``--config``
+is given, which must then agree with it on ``model.*`` and ``image_size``;
+``--from`` needs ``--config``. Few images cost few: the last batch is padded
+to the next power of two (from 8), not to ``eval.batch_size``.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ def read_landmarks(path: str) -> dict[str, np.ndarray]:
 def load_faces(names: Sequence[str], base: pathlib.Path, size: int,
                landmarks: Optional[dict[str, np.ndarray]] = None,
                progress: bool = True) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Reads (and aligns) the images -> (u8[N, size, size, 3], kept names, [(name, reason)])."""
+    """Reads (and aligns) the images -> (u8[N, size, size, 3], kept names, [(name, reason)]).
+
+    ``progress``: a bar on stderr (only when there are more than a few images to read).
+    """
     from PIL import Image
 
     from broadface_jax import align
@@ -103,7 +108,7 @@ def load_faces(names: Sequence[str], base: pathlib.Path, size: int,
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(names, desc="reading", unit="img", file=sys.stderr)
+        iterator = tqdm(names, desc="reading", unit="img", file=sys.stderr, leave=False)
     for name in iterator:
         full = pathlib.Path(name) if os.path.isabs(name) else base / name
         if landmarks is not None:
@@ -130,11 +135,14 @@ def embed_faces(config: Any, params: Any, batch_stats: Any, faces: np.ndarray,
                 flip: bool = True, progress: bool = True) -> np.ndarray:
     """``f32[N, D]`` embeddings of u8 faces (flip-summed when ``flip``).
 
-    The evaluators' embedding path (``evaluation.embedding``: fixed-size
-    zero-padded batches of ``config.eval.batch_size``, so the encoder
-    compiles once); ``progress`` shows a bar on stderr counting the images
-    embedded (each mirror counted too when ``flip``; padding rows not).
+    The evaluators' embedding path (``evaluation.embedding``: batches of
+    ``config.eval.batch_size``, the last one zero-padded to the next power of
+    two from 8, so the encoder compiles a few shapes at most); ``progress``
+    shows a bar on stderr counting the images embedded (each mirror counted
+    too when ``flip``; padding rows not).
     """
+    import contextlib
+
     import jax
 
     from broadface_jax import sharding
@@ -146,24 +154,11 @@ def embed_faces(config: Any, params: Any, batch_stats: Any, faces: np.ndarray,
     mesh = sharding.make_mesh(config.mesh)
     params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
     embed_fn = embedding.make_uint8_embed_fn(config, mesh)(params, batch_stats)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(faces) * (2 if flip else 1), desc="embedding", unit="img",
-                   file=sys.stderr)
-        inner = embed_fn
-
-        def embed_fn(batch: np.ndarray) -> np.ndarray:  # noqa: F811 (counts, then embeds)
-            out = inner(batch)
-            bar.update(min(len(batch), bar.total - bar.n))
-            return out
-    try:
+    report = (embedding.reporting(embedding.BarProgress("embedding", done_line=False))
+              if progress else contextlib.nullcontext())
+    with report:
         features, _ = embedding.embed_images(embed_fn, faces, max(1, int(config.eval.batch_size)),
                                              flip)
-    finally:
-        if bar is not None:
-            bar.close()
     return features
 
 
@@ -171,11 +166,14 @@ def run(config: Any, images: str, out: str, *, workdir: Optional[str] = None,
         checkpoint: Optional[str] = None, weights: Optional[str] = None,
         landmarks: Optional[str] = None, flip: bool = True, progress: bool = True) -> dict:
     """The whole command; returns what was written to ``out``."""
-    from broadface_jax.export import load_encoder
+    from broadface_jax import restore
 
+    if not (weights or workdir or checkpoint):
+        raise ValueError("give --workdir (or --checkpoint) of a run, or --from a weights file")
     names, base = list_images(images)
     marks = read_landmarks(landmarks) if landmarks else None
-    params, batch_stats, source = load_encoder(config, workdir, checkpoint, weights)
+    encoder = restore.restore_encoder(weights or checkpoint or workdir, config)
+    params, batch_stats, source = encoder.params, encoder.batch_stats, encoder.source
     size = int(config.image_size)
     faces, kept, skipped = load_faces(names, base, size, marks, progress)
     features = embed_faces(config, params, batch_stats, faces, flip, progress)
@@ -195,7 +193,9 @@ def run(config: Any, images: str, out: str, *, workdir: Optional[str] = None,
 def _define_flags() -> None:
     """The command-line flags, defined only when run as a program (importing stays flag-free)."""
     global _CONFIG, _WORKDIR, _CHECKPOINT, _FROM, _IMAGES, _LANDMARKS, _OUT, _FLIP
-    _CONFIG = cli.define_config_flag("Config of the model (model.*, image_size, eval.batch_size).")
+    _CONFIG = cli.define_config_flag(
+        "Config of the model (model.*, image_size, eval.batch_size); default: the workdir's "
+        "config.json.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run whose latest checkpoint embeds.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A specific checkpoint (as evaluate).")
     _FROM = flags.DEFINE_string("from", None, "Weights file (.pth / .pt / .onnx) instead of a run.")
@@ -203,14 +203,16 @@ def _define_flags() -> None:
     _LANDMARKS = flags.DEFINE_string("landmarks", None, "5-point landmarks file (see module doc).")
     _OUT = flags.DEFINE_string("out", None, "Output .npz.")
     _FLIP = flags.DEFINE_bool("flip", True, "Sum the embeddings of each image and its mirror.")
-    flags.mark_flags_as_required(["config", "images", "out"])
+    flags.mark_flags_as_required(["images", "out"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_third_party_logs()
+    config = cli.load_config_for_run(_CHECKPOINT.value or _WORKDIR.value)
     try:
-        result = run(cli.load_config(), _IMAGES.value, _OUT.value, workdir=_WORKDIR.value,
+        result = run(config, _IMAGES.value, _OUT.value, workdir=_WORKDIR.value,
                      checkpoint=_CHECKPOINT.value, weights=_FROM.value,
                      landmarks=_LANDMARKS.value, flip=_FLIP.value)
     except (FileNotFoundError, ImportError, ValueError) as e:
@@ -224,6 +226,11 @@ def main(argv: Sequence[str]) -> None:
           flush=True)
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """The ``broadface-embed`` console script: ``python -m broadface_jax.embed``."""
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.workdir_config_parser())
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,18 +1,23 @@
 """Evaluate a trained run's encoder on evaluation targets.
 
-    python -m broadface_jax.evaluate --config configs/lfw.py --workdir runs/lfw
-    python -m broadface_jax.evaluate --config configs/demo.py --workdir runs/demo \\
+    python -m broadface_jax.evaluate --workdir runs/lfw
+    python -m broadface_jax.evaluate --workdir runs/demo \\
         --targets synthetic,lfw_dev --checkpoint runs/demo/checkpoints/400
-    python -m broadface_jax.evaluate --config configs/default.py --workdir runs/paper \\
+    python -m broadface_jax.evaluate --workdir runs/paper --config.eval.batch_size=64 \\
         --targets ijbc:/data/IJB_release/IJBC,megaface:/data/megaface,bin:agedb_30
 
 Restores the encoder (parameters and BatchNorm statistics) from the latest
 checkpoint of ``--workdir`` (or from ``--checkpoint``: a workdir, checkpoints
 folder or step folder), embeds each target's faces with flip-and-sum, prints
 the accuracy table, and writes ROC curves (PNG) and ``results_<step>.json`` to
-``<workdir>/eval``. ``--config`` must describe the same model as the run
-(``model.*``, ``image_size``); ``--targets`` defaults to
-``config.eval.targets``. A target is a ``config.evals`` entry's name, a
+``<workdir>/eval``. The config is the run's own (``config.json`` in the
+workdir, written by training and by ``convert``; ``--config.FIELD=VALUE``
+overrides apply to it); a ``--config`` file given instead must describe the
+same model (``model.*``, ``image_size``: each differing field is named, exit
+status 2); evaluation fields (targets, batch size, data folders) may differ.
+``--targets`` defaults to ``config.eval.targets``. Each target shows a
+progress bar on stderr (images embedded, rate, ETA) and a line with its time
+when done; third-party log lines are hidden unless ``--verbosity`` is given. A target is a ``config.evals`` entry's name, a
 type name (``lfw_dev``, ``synthetic``, ``sop``, ...) or ``<type>:<path>``
 (``bin:``, ``ijbb:``, ``ijbc:``, ``megaface:``, ``ytf:``, ``sop:`` ...): the
 registry of ``broadface_jax.evaluation.targets``, the same as in training.
@@ -23,82 +28,47 @@ images (``broadface_jax.evaluation.embedding``).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import sys
+import time
 from typing import Any, Optional, Sequence
 
 from absl import app, flags, logging
 
-from broadface_jax import cli, distributed  # distributed defines the multi-host flags
-
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "The run's directory; results go to <workdir>/eval.")
-_CONFIG = cli.define_config_flag("Config of the run (configs/X.py or configs/X.py:variant).")
-_TARGETS = flags.DEFINE_list(
-    "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
-    "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
-    "ijbb:, ijbc:, megaface:, ytf:); default: config.eval.targets. 'list': print every type "
-    "with its options.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Checkpoint to evaluate (workdir, checkpoints folder or step "
-    "folder); default: the latest in --workdir.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def restore_encoder(config: Any, mesh: Any, path: str, step: Optional[int] = None,
-                    model: Any = None) -> tuple[Any, Any, int]:
-    """Loads only the encoder of a checkpoint (not the classifier, optimizer or queue).
-
-    Returns:
-      ``(encoder_params, batch_stats, step)``, replicated on ``mesh``.
-
-    Raises:
-      FileNotFoundError: ``path`` holds no checkpoint (or not ``step``).
-      checkpointing.CheckpointError: the checkpoint's encoder does not match
-        ``config.model`` / ``config.image_size`` (every differing leaf named).
-    """
-    import jax
-
-    from broadface_jax import checkpointing, models, sharding
-
-    folder, step = checkpointing.resolve(path, step)
-    if model is None:
-        model = models.build_encoder(config.model)
-    variables = jax.eval_shape(functools.partial(models.init_variables, model,
-                                                 int(config.image_size)), jax.random.PRNGKey(0))
-    part = {"params": {"encoder": variables["params"]},
-            "batch_stats": variables.get("batch_stats", {})}
-    replicated = sharding.replicated(mesh)
-    target = checkpointing.abstract_like(part, jax.tree.map(lambda _: replicated, part))
-    loaded = checkpointing.restore_partial(folder, target, step)
-    return loaded["params"]["encoder"], loaded["batch_stats"], step
+from broadface_jax import cli
 
 
 def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
-                        checkpoint: Optional[str] = None, model: Any = None
-                        ) -> tuple[int, dict[str, dict[str, float]]]:
+                        checkpoint: Optional[str] = None, model: Any = None,
+                        progress: Any = None) -> tuple[int, dict[str, dict[str, float]]]:
     """Restores the encoder, runs ``targets``, writes ``<workdir>/eval`` outputs.
+
+    ``progress``: per-target progress reporting (``evaluation.run_targets``).
 
     Returns:
       ``(step, {target: metrics})``.
     """
     import jax
 
-    from broadface_jax import evaluation, sharding, train
+    from broadface_jax import evaluation, restore, sharding
+    from broadface_jax import workdir as workdir_lib
     from broadface_jax.evaluation import embedding
 
     if not targets:
         raise ValueError("no evaluation targets: pass --targets or set config.eval.targets")
     mesh = sharding.make_mesh(config.mesh)
-    params, batch_stats, step = restore_encoder(config, mesh, checkpoint or workdir,
-                                                model=model)
+    encoder = restore.restore_encoder(checkpoint or workdir, config,
+                                      sharding=sharding.replicated(mesh), model=model)
+    step = encoder.step
     logging.info("evaluating step %d of %s on %s", step, checkpoint or workdir,
                  ", ".join(targets))
-    embed_fn = embedding.make_uint8_embed_fn(config, mesh, model)(params, batch_stats)
-    out_dir = os.path.join(workdir, train.EVAL_SUBDIR)
+    embed_fn = embedding.make_uint8_embed_fn(config, mesh, model)(encoder.params,
+                                                                  encoder.batch_stats)
+    out_dir = os.path.join(workdir, workdir_lib.EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
-    results = evaluation.run_targets(tuple(targets), embed_fn, config, out_dir=out_dir)
+    results = evaluation.run_targets(tuple(targets), embed_fn, config, out_dir=out_dir,
+                                     progress=progress)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, f"results_{step}.json"), "w", encoding="utf-8") as f:
             json.dump({"step": step, "checkpoint": checkpoint or workdir,
@@ -106,12 +76,45 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
     return step, results
 
 
+def _define_flags() -> None:
+    """The command-line flags, defined only when run as a program (importing stays flag-free)."""
+    global _CONFIG, _WORKDIR, _TARGETS, _CHECKPOINT, _CLEAR_CACHE
+    from broadface_jax import distributed  # noqa: F401  (defines the multi-host flags)
+
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "The run's directory; results go to <workdir>/eval.")
+    _CONFIG = cli.define_config_flag(
+        "Config of the run (configs/X.py or configs/X.py:variant); default: the workdir's "
+        "config.json.")
+    _TARGETS = flags.DEFINE_list(
+        "targets", None, "Comma-separated targets: config.evals entries, type names (lfw_dev, "
+        "cfp_fp, cfp_ff, lfw_people_test, synthetic, sop, inshop, ...) or <type>:<path> (bin:, "
+        "ijbb:, ijbc:, megaface:, ytf:); default: config.eval.targets. 'list': print every type "
+        "with its options.")
+    _CHECKPOINT = flags.DEFINE_string(
+        "checkpoint", None, "Checkpoint to evaluate (workdir, checkpoints folder or step "
+        "folder); default: the latest in --workdir.")
+    _CLEAR_CACHE = flags.DEFINE_bool(
+        "clear_cache", False, "Delete the evaluation image cache (config.eval.cache_dir, "
+        "$BROADFACE_EVAL_CACHE or ~/.cache/broadface_jax/eval), say what it held, and exit.")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from broadface_jax import checkpointing, cli
+    cli.quiet_third_party_logs()
+    from broadface_jax import checkpointing, distributed
 
-    config = cli.load_config()
+    if _CLEAR_CACHE.value:
+        from broadface_jax.evaluation import targets as targets_lib
+
+        config = cli.load_config() if flags.FLAGS["config"].value is not None else None
+        print(targets_lib.clear_cache(config), flush=True)
+        return
+    if not _WORKDIR.value:
+        cli.fail("--workdir is required (the run to evaluate; results go to <workdir>/eval)",
+                 cli.EXIT_USAGE)
+    config = cli.load_config_for_run(_CHECKPOINT.value or _WORKDIR.value)
     from broadface_jax.evaluation import targets as targets_lib
 
     targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
@@ -132,12 +135,24 @@ def main(argv: Sequence[str]) -> None:
     distributed.maybe_initialize()
 
     from broadface_jax import evaluation
+    from broadface_jax.evaluation import embedding
 
-    checkpointing.quiet_orbax_logging()
-    step, results = evaluate_checkpoint(config, _WORKDIR.value, targets, _CHECKPOINT.value)
-    print(f"\nVerification at step {step} ({_CHECKPOINT.value or _WORKDIR.value}):\n"
-          f"{evaluation.format_table(results)}", flush=True)
+    start = time.perf_counter()
+    try:
+        step, results = evaluate_checkpoint(config, _WORKDIR.value, targets, _CHECKPOINT.value,
+                                            progress=embedding.BarProgress)
+    except checkpointing.CheckpointError as e:
+        cli.fail(str(e), 1)
+    print(f"\nVerification at step {step} ({_CHECKPOINT.value or _WORKDIR.value}, "
+          f"{time.perf_counter() - start:.0f} s):\n{evaluation.format_table(results)}",
+          file=sys.stdout, flush=True)
+
+
+def cli_main() -> None:
+    """The ``broadface-evaluate`` console script: ``python -m broadface_jax.evaluate``."""
+    _define_flags()
+    app.run(main, flags_parser=cli.workdir_config_parser())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_main()

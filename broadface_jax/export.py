@@ -1,14 +1,14 @@
 """Export a trained encoder as ONNX for onnxruntime / insightface deployments.
 
-    python -m broadface_jax.export --config configs/default.py --workdir runs/paper \\
-        --out runs/paper/model.onnx
+    python -m broadface_jax.export --workdir runs/paper --out runs/paper/model.onnx
     python -m broadface_jax.export --config configs/default.py --from backbone.pth --out r100.onnx
 
 The graph (:func:`broadface_jax.interop.onnxfile.export_onnx`): input ``data``
-``f32[None, 3, H, W]`` — NCHW, RGB, normalised to ``(x - 127.5) / 127.5``
+``f32[batch, 3, H, W]`` — NCHW, RGB, normalised to ``(x - 127.5) / 127.5``
 *outside* the graph, what insightface's ``ArcFaceONNX`` feeds (it finds no
 Sub/Mul at the start of the graph and so normalises with mean = std = 127.5)
-— output ``embedding`` ``f32[None, D]`` (unnormalised), dynamic batch, opset
+— output ``embedding`` ``f32[batch, D]`` (unnormalised), dynamic batch
+dimension named ``batch`` (as insightface's packs name it), opset
 11, eval mode, BatchNorm folded into the Conv before it unless ``--nofold_bn``.
 
 Why our own graph writer (``onnx.helper``) and not a JAX exporter: jax2tf in
@@ -24,7 +24,10 @@ for arcface_torch; ``--check`` (default) runs it in onnxruntime against our
 JAX forward on random inputs.
 
 ``--checkpoint`` picks a step (as in ``broadface_jax.evaluate``); ``--from``
-exports a weights file without a run (``interop.import_encoder``).
+exports a weights file without a run (``interop.import_encoder``). The model
+is the run's (its ``config.json``) unless ``--config`` is given, which must
+then agree with it on ``model.*`` and ``image_size``; ``--from`` needs
+``--config``.
 """
 
 from __future__ import annotations
@@ -38,36 +41,6 @@ from absl import app, flags
 
 from broadface_jax import cli
 
-
-
-def load_encoder(config: Any, workdir: Optional[str], checkpoint: Optional[str],
-                 weights: Optional[str]) -> tuple[Any, Any, str]:
-    """(params, batch_stats, description) from a run's checkpoint or a weights file."""
-    import jax
-    import numpy as np
-
-    if weights:
-        from broadface_jax import interop
-
-        params, batch_stats = interop.import_encoder(weights, config)
-        return params, batch_stats, weights
-    if not (workdir or checkpoint):
-        raise ValueError("give --workdir (or --checkpoint) of a run, or --from a weights file")
-    from broadface_jax import checkpointing, interop
-
-    # As broadface_jax.evaluate.restore_encoder, on the host (that module defines
-    # command-line flags when imported, which would clash with this one's).
-    checkpointing.quiet_orbax_logging()
-    folder, step = checkpointing.resolve(checkpoint or workdir)
-    abstract, _ = interop.abstract_variables(config)
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    part = {"params": {"encoder": abstract["params"]},
-            "batch_stats": abstract.get("batch_stats", {})}
-    target = checkpointing.abstract_like(part, jax.tree.map(lambda _: host, part))
-    loaded = checkpointing.restore_partial(folder, target, step)
-    params, batch_stats = jax.tree.map(np.asarray, (loaded["params"]["encoder"],
-                                                    loaded["batch_stats"]))
-    return params, batch_stats, f"{checkpoint or workdir} step {step}"
 
 
 def check_against_jax(config: Any, params: Any, batch_stats: Any, path: str,
@@ -93,9 +66,13 @@ def export(config: Any, out: str, *, workdir: Optional[str] = None,
            checkpoint: Optional[str] = None, weights: Optional[str] = None,
            fold_bn: bool = True) -> tuple[Any, Any, str]:
     """Writes the encoder to ``out``; returns ``(params, batch_stats, source)``."""
+    from broadface_jax import restore
     from broadface_jax.interop import onnxfile
 
-    params, batch_stats, source = load_encoder(config, workdir, checkpoint, weights)
+    if not (weights or workdir or checkpoint):
+        raise ValueError("give --workdir (or --checkpoint) of a run, or --from a weights file")
+    encoder = restore.restore_encoder(weights or checkpoint or workdir, config)
+    params, batch_stats, source = encoder.params, encoder.batch_stats, encoder.source
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     onnxfile.export_onnx(str(config.model.name), params, batch_stats, int(config.image_size),
                          out, fold_bn=fold_bn, producer=f"broadface_jax ({source})")
@@ -105,7 +82,8 @@ def export(config: Any, out: str, *, workdir: Optional[str] = None,
 def _define_flags() -> None:
     """The command-line flags, defined only when run as a program (importing stays flag-free)."""
     global _CONFIG, _WORKDIR, _CHECKPOINT, _FROM, _OUT, _FOLD_BN, _CHECK
-    _CONFIG = cli.define_config_flag("Config of the run (model.*, image_size).")
+    _CONFIG = cli.define_config_flag(
+        "Config of the model (model.*, image_size); default: the workdir's config.json.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "The run whose latest checkpoint is exported.")
     _CHECKPOINT = flags.DEFINE_string(
         "checkpoint", None, "Checkpoint to export (workdir, checkpoints folder or step folder).")
@@ -114,25 +92,26 @@ def _define_flags() -> None:
     _FOLD_BN = flags.DEFINE_bool("fold_bn", True, "Fold each BatchNorm after a Conv into the Conv.")
     _CHECK = flags.DEFINE_bool(
         "check", True, "Compare onnxruntime with the JAX forward on random inputs after writing.")
-    flags.mark_flags_as_required(["config", "out"])
+    flags.mark_flags_as_required(["out"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = cli.load_config()
+    cli.quiet_third_party_logs()
+    config = cli.load_config_for_run(_CHECKPOINT.value or _WORKDIR.value)
     start = time.perf_counter()
     try:
         params, batch_stats, source = export(
             config, _OUT.value, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
             weights=_FROM.value, fold_bn=_FOLD_BN.value)
-    except (FileNotFoundError, ImportError, ValueError) as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:  # CheckpointError too
         print(f"broadface_jax.export: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     size = int(config.image_size)
     print(f"wrote {_OUT.value} ({os.path.getsize(_OUT.value) / 2**20:.1f} MiB) from {source} in "
-          f"{time.perf_counter() - start:.1f} s: input 'data' [None, 3, {size}, {size}] "
-          f"(RGB, (x - 127.5) / 127.5), output 'embedding' [None, "
+          f"{time.perf_counter() - start:.1f} s: input 'data' [batch, 3, {size}, {size}] "
+          f"(RGB, (x - 127.5) / 127.5), output 'embedding' [batch, "
           f"{config.model.embedding_dim}], BN {'folded' if _FOLD_BN.value else 'kept'}",
           flush=True)
     if _CHECK.value:
@@ -145,6 +124,11 @@ def main(argv: Sequence[str]) -> None:
             sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """The ``broadface-export`` console script: ``python -m broadface_jax.export``."""
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.workdir_config_parser())
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -74,5 +74,10 @@ def run(config, workdir: str, model=None) -> None:
               "checkpoint is kept)", 1)
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """The ``broadface-train`` console script: ``python -m broadface_jax.main``."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -93,12 +93,20 @@ def summary(builder) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from broadface_jax import cli
+
+    cli.quiet_third_party_logs()
     builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                       cfp_names_file=_CFP_NAMES.value, overwrite=_OVERWRITE.value,
                       file_format=_FILE_FORMAT.value)
     print(summary(builder), file=sys.stdout)
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """The ``broadface-prepare`` console script: ``python -m broadface_jax.prepare``."""
     flags.mark_flags_as_required(["dataset", "manual_dir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -65,7 +65,7 @@ from broadface_jax import (checkpointing, config_check, distributed, elastic, pr
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
-EVAL_SUBDIR = "eval"
+EVAL_SUBDIR = workdir_lib.EVAL_SUBDIR
 
 # Metrics reported as their value at the log step rather than the interval mean.
 _LAST_VALUE_METRICS = ("lr", "lr_encoder", "lr_classifier", "queue_fill", "queue_used")
@@ -203,32 +203,26 @@ def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
     The optimizer state, queue, step and RNG stay freshly initialised.
     ``init_from`` may also name PyTorch / ONNX weights files (``.pth``, ``.pt``,
     ``.onnx``, or a comma list / glob of arcface_torch rank files): they are
-    imported by :func:`broadface_jax.interop.warm.warm_start` for ``config.model``.
+    imported for ``config.model``; both go through
+    :func:`broadface_jax.restore.restore_encoder`.
 
     Raises:
       checkpointing.CheckpointError: a shape differs (other backbone, other
         number of classes); the message names every leaf at fault.
       FileNotFoundError: ``init_from`` has no checkpoint.
     """
-    from broadface_jax import interop  # noqa: PLC0415
+    from broadface_jax import restore  # noqa: PLC0415
 
-    if interop.is_model_file(init_from):
-        if config is None:
-            raise ValueError(f"warm start from the weights file {init_from!r} needs the config "
-                             "(its model.name says how to read the file)")
-        from broadface_jax.interop import warm  # noqa: PLC0415
-
-        return warm.warm_start(state, shardings, init_from, init_classifier, config)
     params = {"encoder": state.params["encoder"]}
     params_sh = {"encoder": shardings.params["encoder"]}
     if init_classifier:
         params["classifier"] = state.params["classifier"]
         params_sh["classifier"] = shardings.params["classifier"]
-    part = {"params": params, "batch_stats": state.batch_stats}
-    part_sh = {"params": params_sh, "batch_stats": shardings.batch_stats}
+    part = checkpointing.abstract_like({"params": params, "batch_stats": state.batch_stats},
+                                       {"params": params_sh, "batch_stats": shardings.batch_stats})
     try:
-        loaded = checkpointing.restore_partial(
-            init_from, checkpointing.abstract_like(part, part_sh))
+        loaded = restore.restore_encoder(init_from, config, target=part,
+                                         with_classifier=init_classifier)
     except checkpointing.CheckpointError as e:
         hint = ("" if not init_classifier else
                 "\n(set config.init_classifier=False to load only the encoder when "
@@ -236,8 +230,10 @@ def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
         raise checkpointing.CheckpointError(
             f"warm start from config.init_from={init_from!r} failed: {e}{hint}") from e
     new_params = dict(state.params)
-    new_params.update(loaded["params"])
-    return state.replace(params=new_params, batch_stats=loaded["batch_stats"])
+    new_params["encoder"] = loaded.params
+    if init_classifier:
+        new_params["classifier"] = {**state.params["classifier"], **loaded.classifier}
+    return state.replace(params=new_params, batch_stats=loaded.batch_stats)
 
 
 ROLLBACK_FILE = "rollback.json"
@@ -409,18 +405,6 @@ def _stop_profile() -> None:
 # ------------------------------------------------------------------ evaluation
 
 
-def make_uint8_embed_fn(config: Any, mesh: jax.sharding.Mesh, model=None
-                        ) -> Callable[[Any, Any], Callable[[np.ndarray], np.ndarray]]:
-    """``bind(encoder_params, batch_stats) -> embed_fn`` for the evaluators.
-
-    The evaluation's one embedding path:
-    :func:`broadface_jax.evaluation.embedding.make_uint8_embed_fn`.
-    """
-    from broadface_jax.evaluation import embedding
-
-    return embedding.make_uint8_embed_fn(config, mesh, model)
-
-
 def _flatten_eval(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {f"eval/{target}/{name}": float(value)
             for target, metrics in results.items() for name, value in metrics.items()
@@ -571,7 +555,9 @@ class _Run:
         self.config, self.workdir, self.schedule = config, workdir, schedule
         self.mesh, self.model, self.state = mesh, model, state
         self.targets = tuple(config.eval.targets)
-        self._bind_embed = (make_uint8_embed_fn(config, mesh, model)
+        from broadface_jax.evaluation import embedding  # noqa: PLC0415
+
+        self._bind_embed = (embedding.make_uint8_embed_fn(config, mesh, model)
                             if self.targets else None)
         self.final: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
@@ -635,11 +621,13 @@ class _Run:
 
     def evaluate(self, step: int) -> None:
         from broadface_jax import evaluation  # noqa: PLC0415
+        from broadface_jax.evaluation import embedding  # noqa: PLC0415
 
         t0 = time.perf_counter()
         self.eval_results = evaluation.run_targets(
             self.targets, self._bind_embed(self.state.params["encoder"], self.state.batch_stats),
-            self.config, out_dir=os.path.join(self.workdir, EVAL_SUBDIR))
+            self.config, out_dir=os.path.join(self.workdir, EVAL_SUBDIR),
+            progress=embedding.LogProgress)  # a log line per target, every 30 s while embedding
         self.write(step, _flatten_eval(self.eval_results))
         logging.info("step %d: evaluation (%.1f s)\n%s", step, time.perf_counter() - t0,
                      evaluation.format_table(self.eval_results))

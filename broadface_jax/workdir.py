@@ -34,6 +34,8 @@ LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 REPLACED_METRICS_FILE = "metrics.replaced.jsonl"
+#: Evaluation outputs of a run (ROC curves, ``results_<step>.json``), beside its checkpoints.
+EVAL_SUBDIR = "eval"
 
 #: Layout of the saved train state, recorded in ``config.json`` under
 #: :data:`FORMAT_KEY`. A resume refuses a workdir of another format with one

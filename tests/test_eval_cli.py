@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from broadface_jax import convert, evaluate, sharding, train_step
+from broadface_jax import convert, evaluate, restore, sharding, train_step
 from broadface_jax.evaluation import targets, verification
 from tests import eval_folders
 from tests.test_train import load_config
@@ -54,7 +54,8 @@ def test_evaluate_checkpoint_on_entry_and_inline_targets(tmp_path, monkeypatch):
     assert set(results[f"ijbc:{tmp_path / 'IJBC'}"]) == {f"tar@far=1e-{k}" for k in range(1, 7)}
 
     mesh = sharding.make_mesh(config.mesh)
-    params, batch_stats, _ = evaluate.restore_encoder(config, mesh, str(out))
+    encoder = restore.restore_encoder(str(out), config, sharding=sharding.replicated(mesh))
+    params, batch_stats = encoder.params, encoder.batch_stats
     fn = train_step.make_embed_fn(config, mesh)
 
     def flip_sum(u8):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from broadface_jax import align, convert, embed, evaluate, export, sharding, train
+from broadface_jax import align, convert, embed, export, restore, sharding, train
 from broadface_jax import train_step
 from broadface_jax.interop import InteropError
 from tests.test_train import load_config
@@ -98,7 +98,8 @@ def test_convert_then_evaluate_export_and_embed(tmp_path, shared_data, capsys):
 
     # evaluate's restore reads the import as a run's checkpoint (step 0).
     mesh = sharding.make_mesh(config.mesh)
-    params, batch_stats, step = evaluate.restore_encoder(config, mesh, str(out))
+    encoder = restore.restore_encoder(str(out), config, sharding=sharding.replicated(mesh))
+    params, batch_stats, step = encoder.params, encoder.batch_stats, encoder.step
     assert step == 0
     y = train_step.make_embed_fn(config, mesh)(params, batch_stats, torch_x_nhwc())
     assert rel_err(y, REF["r18s/y"]) <= 1e-5

@@ -177,12 +177,13 @@ def test_bad_retrieval_settings(sop_data):
 
 def test_embed_fn_normalises_as_in_training(monkeypatch):
     """The trainer's / evaluate's uint8 embed function applies config.dataset.normalize."""
-    from broadface_jax import sharding, train
+    from broadface_jax import sharding, train_step
+    from broadface_jax.evaluation import embedding
 
     def fake_make_embed_fn(config, mesh, model=None):  # "network": per-image channel means
         return lambda params, batch_stats, images: np.asarray(images, np.float64).mean(axis=(1, 2))
 
-    monkeypatch.setattr(train.train_step, "make_embed_fn", fake_make_embed_fn)
+    monkeypatch.setattr(train_step, "make_embed_fn", fake_make_embed_fn)
     rng = np.random.default_rng(SEED)
     images = rng.integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     x = images.astype(np.float64) / 255.0
@@ -190,6 +191,6 @@ def test_embed_fn_normalises_as_in_training(monkeypatch):
                                  ("face", (0.5,) * 3, (0.5,) * 3)):
         c = get_config()
         c.image_size, c.eval.batch_size, c.dataset.normalize = SIZE, 8, normalize
-        embed_fn = train.make_uint8_embed_fn(c, sharding.make_mesh(c.mesh))(None, None)
+        embed_fn = embedding.make_uint8_embed_fn(c, sharding.make_mesh(c.mesh))(None, None)
         want = ((x - np.array(mean)) / np.array(std)).mean(axis=(1, 2))
         np.testing.assert_allclose(embed_fn(images), want, rtol=1e-5, atol=1e-5)

@@ -6,10 +6,13 @@ Two pieces, used by every evaluator, by ``broadface_jax.evaluate``,
 * :func:`make_uint8_embed_fn` turns an encoder into an *embed function*
   ``embed_fn(u8[n, H, W, 3]) -> f32[n, D]`` (unnormalised embeddings of this
   process's images). It normalises as in training, resizes to
-  ``config.image_size`` when needed and runs the encoder on batches of one
-  fixed size (zero-padded; the padding rows are dropped), so the encoder
-  compiles once. With several processes it is *collective*: every process
-  calls it in lockstep with the same ``n``; the processes' images form one
+  ``config.image_size`` when needed and runs the encoder on chunks of
+  ``config.eval.batch_size`` images, the last (or only) chunk zero-padded to
+  the next of a few sizes (:func:`padded_size`: powers of two from 8 up to
+  the batch size; the padding rows are dropped), so the encoder compiles a
+  few shapes at most and a handful of images costs a handful, not a whole
+  batch. With several processes it is *collective*: every process calls it
+  in lockstep with the same ``n``; the processes' images form one
   global batch (each process fills the rows its devices hold), the encoder
   runs sharded over every device (``train_step.make_embed_fn``) and each
   process gets its own rows back.
@@ -18,9 +21,11 @@ Two pieces, used by every evaluator, by ``broadface_jax.evaluate``,
   each process reads and embeds only its contiguous share
   (``share_bounds``: rows ``[n*p//P, n*(p+1)//P)`` of process p of P, as
   ``tfds.split_for_jax_process`` splits), in batches of
-  ``ceil(batch_size / P)`` images; a process whose share has run out feeds
+  ``ceil(batch_size / P)`` images (the last call of each process padded to
+  the largest share's last batch); a process whose share has run out feeds
   zero images (masked: their rows are dropped), so that every process makes
-  the same number of calls, as big_vision's evaluators pad and mask. At the
+  the same calls with the same shapes, as big_vision's evaluators pad and
+  mask. At the
   end the features (and labels the source yields with its images) are
   gathered with ``multihost_utils.process_allgather``: every process holds
   the features of all ``n`` images, in source order, exactly as one process
@@ -33,14 +38,25 @@ are computed here, once for all evaluators.
 
 A plain NumPy callable is an embed function too (tests use tiny
 deterministic ones); it is simply not collective.
+
+Progress: inside ``with reporting(progress):`` every :func:`embed_source`
+call reports the images it will embed and each batch embedded (process 0
+only) to ``progress`` (:class:`BarProgress`: a tqdm bar on stderr, as
+``evaluate`` and ``embed`` show; :class:`LogProgress`: absl log lines, as
+training's evaluation shows). ``evaluation.run_targets(..., progress=...)``
+opens one per target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import time
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
+from absl import logging
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
@@ -160,6 +176,90 @@ def _allgather(x: np.ndarray, process_count: int) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
+# ------------------------------------------------------------------ progress
+class Progress(Protocol):
+    """Where :func:`embed_source` reports: ``add(n)`` more images to embed, ``update(k)`` embedded."""
+
+    def add(self, total: int) -> None:
+        ...
+
+    def update(self, count: int) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+_REPORTERS: list[Progress] = []
+
+
+@contextlib.contextmanager
+def reporting(progress: Progress) -> Iterator[Progress]:
+    """Reports every :func:`embed_source` call inside the block to ``progress``; closes it after."""
+    _REPORTERS.append(progress)
+    try:
+        yield progress
+    finally:
+        _REPORTERS.remove(progress)
+        progress.close()
+
+
+class BarProgress:
+    """A tqdm bar on stderr (images embedded, rate, ETA), redrawn at every batch.
+
+    ``close`` ends it with one line ``<name>: <n> images embedded in <t> s``
+    (the time since the bar was made: a whole target's, data loading
+    included) unless ``done_line=False``.
+    """
+
+    def __init__(self, name: str, done_line: bool = True):
+        from tqdm import tqdm  # noqa: PLC0415
+
+        self.name, self.done_line, self.start = name, done_line, time.perf_counter()
+        self.bar = tqdm(total=0, desc=name, unit="img", file=sys.stderr, mininterval=0,
+                        miniters=1, leave=not done_line, dynamic_ncols=True)
+
+    def add(self, total: int) -> None:
+        self.bar.total += int(total)
+        self.bar.refresh()
+
+    def update(self, count: int) -> None:
+        self.bar.update(int(count))
+
+    def close(self) -> None:
+        n = self.bar.n
+        self.bar.close()
+        if self.done_line:
+            print(f"{self.name}: {n:,} images embedded in {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+
+class LogProgress:
+    """absl log lines: one every ``every_s`` seconds of embedding and one when done."""
+
+    def __init__(self, name: str, every_s: float = 30.0):
+        self.name, self.every_s = name, float(every_s)
+        self.total = self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, total: int) -> None:
+        self.total += int(total)
+
+    def update(self, count: int) -> None:
+        self.done += int(count)
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            logging.info("evaluation %s: %d/%d images embedded (%.1f img/s, ETA %.0f s)",
+                         self.name, self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        logging.info("evaluation %s: %d images embedded in %.1f s", self.name, self.done,
+                     time.perf_counter() - self.start)
+
+
 # ------------------------------------------------------------------ embedding
 @dataclasses.dataclass(frozen=True)
 class Embeddings:
@@ -184,7 +284,8 @@ def embed_source(embed_fn: EmbedFn, source: ImageSource, batch_size: int, flip: 
     """Embeds every image of ``source``, each process its share (module docstring).
 
     ``batch_size`` is the global number of images per call of ``embed_fn``
-    (``config.eval.batch_size``); each process passes ``ceil(batch_size / P)``.
+    (``config.eval.batch_size``); each process passes ``ceil(batch_size / P)``
+    (fewer at the last call: the largest share's remainder, on every process).
     NaN / inf embeddings are an error naming the rows (``what`` names the data).
     """
     if batch_size <= 0:
@@ -196,33 +297,44 @@ def embed_source(embed_fn: EmbedFn, source: ImageSource, batch_size: int, flip: 
     start, stop = share_bounds(n, pi, pc)
     local_batch = _ceil_div(batch_size, pc)
     steps = _ceil_div(_ceil_div(n, pc), local_batch)  # the largest share's batch count, on every process
+    shares = [b - a for a, b in (share_bounds(n, p, pc) for p in range(pc))]
     image_shape = tuple(source.image_shape)
     it = iter(source.batches(start, stop, local_batch))
+    reporter = _REPORTERS[-1] if _REPORTERS and pi == 0 else None
+    if reporter is not None:
+        reporter.add((stop - start) * (2 if flip else 1))
     feats: np.ndarray | None = None
     labels = np.zeros(stop - start, np.int64)
     has_labels = False
     norm_sum, row = 0.0, 0
     for step in range(steps):
+        # Every process passes this many rows (the largest share's count at this step), so the
+        # calls stay in lockstep with one shape; only the last step has fewer than local_batch.
+        rows = max(min(max(share - step * local_batch, 0), local_batch) for share in shares)
         item = next(it, None) if row < stop - start else None
         lab = None
         if isinstance(item, tuple):
             item, lab = item
             has_labels = True
         if item is None:
-            count, batch = 0, np.zeros((local_batch,) + image_shape, np.uint8)
+            count, batch = 0, np.zeros((rows,) + image_shape, np.uint8)
         else:
             batch = np.asarray(item)
             count = batch.shape[0]
-            if batch.dtype != np.uint8 or batch.shape[1:] != image_shape or not 0 < count <= local_batch:
+            if batch.dtype != np.uint8 or batch.shape[1:] != image_shape or not 0 < count <= rows:
                 raise ValueError(f"{what}: the source yielded {batch.dtype} {batch.shape} for rows "
-                                 f"{start + row}.., expected u8[<= {local_batch}, {image_shape}]")
-            if count < local_batch:  # padded; the padding rows are masked below
-                batch = np.concatenate([batch, np.zeros((local_batch - count,) + image_shape, np.uint8)])
+                                 f"{start + row}.., expected u8[<= {rows}, {image_shape}]")
+            if count < rows:  # padded; the padding rows are masked below
+                batch = np.concatenate([batch, np.zeros((rows - count,) + image_shape, np.uint8)])
         where = f"{what} {start + row}..{start + row + count - 1}"
         plain = _call(embed_fn, batch, where)[:count]
+        if reporter is not None:
+            reporter.update(count)
         norm_sum += float(np.sum(np.linalg.norm(plain.astype(np.float64), axis=1)))
         if flip:
             flipped = _call(embed_fn, np.ascontiguousarray(batch[:, :, ::-1, :]), where)[:count]
+            if reporter is not None:
+                reporter.update(count)
             norm_sum += float(np.sum(np.linalg.norm(flipped.astype(np.float64), axis=1)))
             plain = plain + flipped
         if not np.all(np.isfinite(plain)):
@@ -246,9 +358,8 @@ def embed_source(embed_fn: EmbedFn, source: ImageSource, batch_size: int, flip: 
     all_feats = _allgather(np.concatenate([feats, np.zeros((pad, feats.shape[1]), np.float32)]), pc)
     all_labels = _allgather(np.concatenate([labels, np.zeros(pad, np.int64)]), pc)
     sums = _allgather(np.array([norm_sum, float(has_labels)], np.float64), pc)
-    sizes = [b - a for a, b in (share_bounds(n, p, pc) for p in range(pc))]
-    features = np.concatenate([all_feats[p, :sizes[p]] for p in range(pc)])
-    gathered_labels = np.concatenate([all_labels[p, :sizes[p]] for p in range(pc)])
+    features = np.concatenate([all_feats[p, :shares[p]] for p in range(pc)])
+    gathered_labels = np.concatenate([all_labels[p, :shares[p]] for p in range(pc)])
     xnorm = float(sums[:, 0].sum()) / (2 * n if flip else n)
     return Embeddings(features, xnorm, gathered_labels if sums[:, 1].max() > 0 else None)
 
@@ -278,6 +389,20 @@ def _process_rows(mesh: Any, num_rows: int, image_shape: tuple, process_count: i
     return rows
 
 
+#: The smallest padded chunk: fewer images are padded to this many rows.
+MIN_PADDED = 8
+
+
+def padded_size(n: int, batch: int, multiple: int = 1) -> int:
+    """Rows a chunk of ``n`` images is padded to: the next power of two from :data:`MIN_PADDED`,
+    at most ``batch``, rounded up to a multiple of ``multiple`` (the local device count)."""
+    size = MIN_PADDED
+    while size < n:
+        size *= 2
+    size = max(min(size, batch), n)
+    return _ceil_div(size, multiple) * multiple
+
+
 def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
                         ) -> Callable[[Any, Any], EmbedFn]:
     """``bind(encoder_params, batch_stats) -> embed_fn`` (module docstring) for ``config``'s encoder.
@@ -285,10 +410,10 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
     ``embed_fn(u8[n, H, W, 3]) -> f32[n, D]``: resized to ``config.image_size``
     when the faces have another size (linear, antialiased), normalised as in
     training (``config.dataset.normalize``: face ``(x/255 - 0.5)/0.5`` or
-    ImageNet mean/std), run in chunks of one fixed size per process
-    (``ceil(config.eval.batch_size / P)`` rounded up to a multiple of the
-    local device count; the last chunk zero-padded) so the encoder compiles
-    once. With P > 1 processes every process must call it with the same
+    ImageNet mean/std), run in chunks per process of
+    ``ceil(config.eval.batch_size / P)`` rounded up to a multiple of the
+    local device count, the last chunk zero-padded to :func:`padded_size`
+    (a power of two from 8), so the encoder compiles a few shapes at most. With P > 1 processes every process must call it with the same
     ``n`` (:func:`embed_source` does): the processes' chunks form one global
     batch of ``P x chunk`` rows (``train_step.make_embed_fn``, sharded over
     every device); each process fills only the rows its own devices hold
@@ -308,7 +433,12 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
     local_devices = max(1, mesh.size // pc)
     local_batch = _ceil_div(_ceil_div(batch, pc), local_devices) * local_devices
     size = int(config.image_size)
-    rows = _process_rows(mesh, pc * local_batch, (size, size, 3), pc) if pc > 1 else None
+    row_maps: dict[int, np.ndarray | None] = {}
+
+    def process_rows(padded: int) -> np.ndarray | None:
+        if padded not in row_maps:
+            row_maps[padded] = _process_rows(mesh, pc * padded, (size, size, 3), pc)
+        return row_maps[padded]
 
     @jax.jit
     def resize(x: jax.Array) -> jax.Array:
@@ -325,12 +455,14 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
             for start in range(0, images.shape[0], local_batch):
                 chunk = images[start:start + local_batch]
                 n = chunk.shape[0]
-                if n < local_batch:
+                padded = padded_size(n, local_batch, local_devices)
+                if n < padded:
                     chunk = np.concatenate(
-                        [chunk, np.zeros((local_batch - n,) + chunk.shape[1:], chunk.dtype)])
+                        [chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
+                rows = process_rows(padded) if pc > 1 else None
                 if pc > 1 and rows is None:  # gather: process 0's images, then process 1's, ...
                     chunk = _allgather(np.ascontiguousarray(chunk), pc).reshape(
-                        (pc * local_batch,) + chunk.shape[1:])
+                        (pc * padded,) + chunk.shape[1:])
                 x = input_pipeline.normalize_images(chunk.astype(np.float32), config)
                 if x.shape[1:3] != (size, size):
                     x = np.asarray(resize(x))
@@ -338,9 +470,9 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
                     outs.append(np.asarray(embed(params, batch_stats, x))[:n])
                 elif rows is None:
                     out = np.asarray(embed(params, batch_stats, x))
-                    outs.append(out[pi * local_batch:pi * local_batch + n])
+                    outs.append(out[pi * padded:pi * padded + n])
                 else:  # this process fills only the rows its devices hold (untouched zero pages elsewhere)
-                    full = np.zeros((pc * local_batch,) + x.shape[1:], np.float32)
+                    full = np.zeros((pc * padded,) + x.shape[1:], np.float32)
                     full[rows] = x
                     outs.append(np.asarray(embed(params, batch_stats, full))[rows][:n])
             if not outs:

@@ -78,6 +78,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from broadface_jax.evaluation import protocols, retrieval_targets, verification
+from broadface_jax.suggest import did_you_mean as _suggest
 from broadface_jax.evaluation.common import EmbedFn, embed_images, l2_normalize
 
 SYNTHETIC_NUM_PAIRS = 600
@@ -142,10 +143,33 @@ class PairVerificationEvaluator(_LazyTarget):
 
 
 # ------------------------------------------------------------------ caching
-def _cache_dir(config: Any) -> str | None:
-    configured = config.eval.get("cache_dir", None) if hasattr(config.eval, "get") else None
-    path = configured or os.environ.get("BROADFACE_EVAL_CACHE") or os.path.join(
+#: Environment variable naming the evaluation cache folder (``config.eval.cache_dir`` wins).
+CACHE_ENV = "BROADFACE_EVAL_CACHE"
+
+
+def cache_path(config: Any = None) -> str:
+    """The evaluation cache folder: ``config.eval.cache_dir``, ``$BROADFACE_EVAL_CACHE`` or the default."""
+    configured = None
+    if config is not None and hasattr(config.eval, "get"):
+        configured = config.eval.get("cache_dir", None)
+    return configured or os.environ.get(CACHE_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "broadface_jax", "eval")
+
+
+def clear_cache(config: Any = None) -> str:
+    """Deletes the evaluation cache's ``.npz`` files (nothing else); returns what it did, one line."""
+    path = cache_path(config)
+    if not os.path.isdir(path):
+        return f"evaluation cache {path}: nothing there"
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npz")]
+    size = sum(os.path.getsize(f) for f in files)
+    for f in files:
+        os.remove(f)
+    return f"evaluation cache {path}: removed {len(files)} files ({size / 2**20:.1f} MiB)"
+
+
+def _cache_dir(config: Any) -> str | None:
+    path = cache_path(config)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -433,13 +457,6 @@ def register(type_name: str, target_type: TargetType) -> None:
     TYPES[type_name] = target_type
 
 
-def _suggest(value: str, choices) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _type_ok(value: Any, default: Any) -> bool:
     if default is REQUIRED or default is None:
         return value is not None
@@ -577,18 +594,31 @@ def build_evaluator(target: str | TargetSpec, config: Any) -> Evaluator:
 
 
 def run_targets(names, embed_fn: EmbedFn, config: Any,
-                out_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+                out_dir: str | os.PathLike | None = None,
+                progress: Callable[[str], Any] | None = None) -> dict[str, dict[str, float]]:
     """Runs each target of ``names`` (comma-separated or a sequence); returns ``{name: metrics}`` in order.
 
     Every target is resolved (and its options checked) before the first one
     runs, so a typo in the last target costs no evaluation time. With several
     processes every process must call this with the same targets (the
     embedding is shared, :mod:`.embedding`); all get the same results.
+    ``progress(name)`` makes each target's progress reporter
+    (``embedding.BarProgress`` / ``embedding.LogProgress``), open while the
+    target runs.
     """
+    import contextlib  # noqa: PLC0415
+
+    from broadface_jax.evaluation import embedding  # noqa: PLC0415
+
     if isinstance(names, str):
         names = [n for n in names.split(",") if n]
     specs = [resolve_target(n, config, f"target {n!r}") for n in names]
-    return {spec.name: build_evaluator(spec, config).run(embed_fn, out_dir) for spec in specs}
+    results = {}
+    for spec in specs:
+        with (embedding.reporting(progress(spec.name)) if progress is not None
+              else contextlib.nullcontext()):
+            results[spec.name] = build_evaluator(spec, config).run(embed_fn, out_dir)
+    return results
 
 
 # ---- the built-in types

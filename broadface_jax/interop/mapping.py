@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -206,9 +207,28 @@ def from_torch_state_dict(state: Mapping[str, Any], model_name: str, shapes: Sha
             parts.append(f"  the file's keys are those of model.name={guesses[0]!r}; set "
                          f"--config.model.name={guesses[0]}")
         elif bad_shapes and not (missing or unexpected):
-            parts.append("  (the layers match: check model.width and model.embedding_dim)")
+            parts.append("  " + _shape_hint(bad_shapes))
         raise ImportMismatch("\n".join(parts))
     return out
+
+
+def _shape_hint(bad_shapes: list[str]) -> str:
+    """Which config field to check when every key is there but some shapes differ.
+
+    Only the FC's input size differing (``(D, n)`` vs ``(D, m)``, the Conv
+    layers matching) means another feature-map size: ``image_size``; channel
+    counts differing mean ``model.width``; the output size, ``model.embedding_dim``.
+    """
+    pairs = []
+    for line in bad_shapes:
+        m = re.search(r"model needs \(([\d, ]*)\), file has \(([\d, ]*)\)", line)
+        if m:
+            pairs.append(tuple(tuple(int(v) for v in g.replace(" ", "").split(",") if v)
+                               for g in m.groups()))
+    if pairs and all(len(a) == len(b) == 2 and a[0] == b[0] and a[1] != b[1] for a, b in pairs):
+        return ("(the layers match and only the FC's input size differs: check image_size, "
+                "which sets the feature map the FC flattens; arcface_torch models use 112)")
+    return "(the layers match: check model.width and model.embedding_dim)"
 
 
 def _width_hint(shapes: Shapes) -> str:

@@ -9,9 +9,9 @@ in front of a PReLU slope. Initializer *names* are not used (insightface's
 packs name them by number), :mod:`mapping` matches the nodes by position.
 
 Writing (:func:`export_onnx`) builds the graph op by op from :mod:`layout` with
-``onnx.helper``: NCHW float input ``data`` of shape ``(None, 3, H, W)`` (RGB,
+``onnx.helper``: NCHW float input ``data`` of shape ``(batch, 3, H, W)`` (RGB,
 normalised to ``(x - 127.5) / 127.5`` by the caller, as insightface's
-``ArcFaceONNX`` does), output ``embedding`` ``(None, D)``, opset 11, the layout
+``ArcFaceONNX`` does), output ``embedding`` ``(batch, D)``, opset 11, the layout
 ``torch.onnx.export`` writes for arcface_torch (so insightface loads it, and
 :func:`read_onnx_layers` reads it back). BatchNorm after a Conv can be folded
 into it (``fold_bn``), as arcface_torch's exported packs are.
@@ -126,7 +126,7 @@ def export_onnx(model_name: str, params: Mapping[str, Any], batch_stats: Mapping
       params, batch_stats: the encoder's Flax trees (eval mode uses the
         running statistics).
       image_size: H = W of the input (fixed, as insightface's loaders read it
-        from the graph); the batch is dynamic (``None``).
+        from the graph); the batch is dynamic (named ``batch``, as in insightface packs).
       path: where to write the ``.onnx`` file.
       fold_bn: fold each BatchNorm that follows a Conv into the Conv's kernel
         and bias (arcface_torch's packs are folded; the function is the same).
@@ -241,8 +241,8 @@ def export_onnx(model_name: str, params: Mapping[str, Any], batch_stats: Mapping
     d = int(channels["x"])
     graph = helper.make_graph(
         nodes, f"broadface_jax_{model_name}",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["None", 3, image_size, image_size])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["None", d])],
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])],
         initializer=inits)
     model = helper.make_model(graph, producer_name=producer,
                               opset_imports=[helper.make_opsetid("", OPSET)])
