@@ -140,4 +140,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # one-line flag errors, exit 2

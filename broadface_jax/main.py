@@ -75,4 +75,4 @@ def run(config, workdir: str, model=None) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # one-line flag errors, exit 2
