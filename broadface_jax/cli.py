@@ -104,6 +104,16 @@ def _config_fields(config: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _close_fields(field: str, fields: list[str]) -> list[str]:
+    """Close matches of a misspelt field: its siblings first, else any field path."""
+    parent, _, leaf = field.rpartition(".")
+    siblings = {f.rpartition(".")[2]: f for f in fields if f.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=2, cutoff=0.75)
+    if close:
+        return [siblings[c] for c in close]
+    return difflib.get_close_matches(field, fields, n=2, cutoff=0.8)
+
+
 def _config_file_arg(argv: Sequence[str], flag_name: str) -> str | None:
     """The ``--config`` file argument on a command line (``configs/X.py[:variant]``)."""
     for i, arg in enumerate(argv):
@@ -144,7 +154,7 @@ def flag_error_message(error: BaseException, argv: Sequence[str],
         text = text.strip("'\"")
     overrides = _overrides(argv, flag_name)
     config = None
-    if overrides and flag_name in flags.FLAGS:
+    if overrides:
         given = _config_file_arg(argv, flag_name)
         if given:
             try:
@@ -155,7 +165,7 @@ def flag_error_message(error: BaseException, argv: Sequence[str],
         fields = _config_fields(config)
         for arg, field, value in overrides:
             if field not in fields:
-                close = difflib.get_close_matches(field, fields, n=3, cutoff=0.6)
+                close = _close_fields(field, fields)
                 hint = (f" (did you mean {' or '.join(repr(c) for c in close)}?)"
                         if close else "")
                 return f"{arg}: no such config field {field!r}{hint}"
@@ -167,7 +177,7 @@ def flag_error_message(error: BaseException, argv: Sequence[str],
                 if hasattr(node, "keys"):
                     return (f"{arg}: config.{field} is a group of fields; set them one by "
                             f"one (--{flag_name}.{field}.NAME=VALUE)")
-                reason = text.split(": ", 2)[-1] if text.startswith("flag ") else text
+                reason = text.split(": ", 1)[-1] if text.startswith("flag ") else text
                 return (f"{arg}: {value!r} is not a valid {type(node).__name__} for "
                         f"config.{field} (now {node!r}): {reason}")
     if text.startswith("flag "):  # absl: "flag --x=v: reason"
