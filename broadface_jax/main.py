@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import sys
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -101,10 +102,35 @@ def _storage_failure(e: BaseException, workdir: str) -> str | None:
         link = link.__cause__ or link.__context__
     if where is None and type(e).__name__ == "AsyncError":  # clu's asynchronous writer
         where = f"{os.path.join(workdir, 'tensorboard')} (TensorBoard events)"
-    # asyncio reports every abandoned write of a failed save again at exit: drop that.
-    py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
     return (f"{where or workdir}: {cause}: stopped (the last finished checkpoint is kept; "
             "free space and run the same command again to resume)")
+
+
+#: Set by the command (``__main__``): after a storage failure's line, stderr is closed.
+_SILENCE_AFTER_STORAGE_FAILURE = False
+
+
+def _fail_last(message: str) -> None:
+    """:func:`cli.fail` (exit 1) for a storage failure, as the process's last line.
+
+    A failed save leaves writes in flight in orbax's and tensorstore's threads;
+    as they finish during the interpreter's exit they report the same failure
+    again ("Event loop is closed" tracebacks printed straight to stderr, asyncio's
+    "exception was never retrieved"), burying the line that matters. Once it is
+    written, stderr goes to /dev/null for the rest of the exit.
+    """
+    py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+    logging.flush()
+    print(f"broadface_jax: {message}", file=sys.stderr, flush=True)
+    if not _SILENCE_AFTER_STORAGE_FAILURE:  # run() called from Python: leave stderr alone
+        sys.exit(1)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        pass
+    sys.exit(1)
 
 
 def run(config, workdir: str, model=None) -> None:
@@ -133,8 +159,7 @@ def run(config, workdir: str, model=None) -> None:
             train.NonFiniteError) as e:
         cli.fail(str(e), 1)
     except checkpointing.CheckpointWriteError as e:
-        py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
-        cli.fail(str(e), 1)
+        _fail_last(str(e))
     except Exception as e:
         data = e if isinstance(e, input_pipeline.DataFileError) else e.__cause__
         if isinstance(data, input_pipeline.DataFileError):
@@ -142,7 +167,7 @@ def run(config, workdir: str, model=None) -> None:
         message = _storage_failure(e, workdir)
         if message is None:
             raise
-        cli.fail(message, 1)
+        _fail_last(message)
 
 
 if __name__ == "__main__":
@@ -151,4 +176,5 @@ if __name__ == "__main__":
     # First thing: a SIGTERM / SIGINT during start-up (flag parsing, imports, restore,
     # compilation) is recorded and stops the command cleanly before its first step.
     preemption.install_early()
+    _SILENCE_AFTER_STORAGE_FAILURE = True
     cli.run(main)  # one-line flag errors, exit 2

@@ -320,6 +320,37 @@ def test_tensorboard_writer_disk_full_between_checkpoints(tmp_path, monkeypatch,
     assert checkpointing.all_steps(work) == [1, 2]
 
 
+def test_failed_save_is_reported_once_not_raised_again_on_close(tmp_path, monkeypatch, capsys):
+    """Disk full at a save, and orbax's close() raising its raw error again (as it does)."""
+    from broadface_jax import checkpointing, main
+    from tests.test_train import tiny_config, tiny_model
+
+    manager = checkpointing.ocp.CheckpointManager
+    real_save, real_close = manager.save, manager.close
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+        return real_save(self, step, *args, **kwargs)
+
+    def close_again(self):
+        real_close(self)
+        if checkpointing.all_steps(str(tmp_path / "run")) == [1, 2]:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"params.encoder\" in OCDBT "
+                             "database")
+
+    monkeypatch.setattr(manager, "save", failing_save)
+    monkeypatch.setattr(manager, "close", close_again)
+    config = tiny_config(total_steps=4)
+    config.checkpoint_every_steps = 1
+    with pytest.raises(SystemExit) as info:
+        main.run(config, str(tmp_path / "run"), model=tiny_model())
+    assert info.value.code == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("broadface_jax: ")]
+    assert lines == [f"broadface_jax: checkpoint 3 could not be written to "
+                     f"{tmp_path / 'run' / 'checkpoints'}: no space left on device"]
+
+
 @pytest.fixture(scope="module")
 def prepared_faces(tmp_path_factory) -> pathlib.Path:
     """A tiny face_image_folder data set (3 identities x 6 images), prepared as ArrayRecord."""
@@ -400,6 +431,63 @@ def test_truncated_data_file_stops_the_run_with_one_line(prepared_faces, tmp_pat
     assert out.returncode == 1, out.stderr[-3000:]
     line = _one_line(out)
     assert f"data file {path} of face_image_folder is truncated or damaged" in line, line
+
+
+# ------------------------------------------------------------------ item 10: JAX_ENABLE_X64=1
+
+_X64_QUEUE = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from broadface_jax import queue
+assert jax.config.jax_enable_x64
+rng = np.random.default_rng(int(sys.argv[1]))
+q = queue.init_queue(capacity=12, dim=3, num_shards=2)
+batches = []
+for _ in range(4):  # 4 batches of 4 rows: 2 per shard, each shard holds 6 rows
+    e = rng.normal(size=(4, 3)); w = rng.normal(size=(4, 3)); lab = rng.integers(0, 9, 4)
+    batches.append((e.tolist(), w.tolist(), lab.tolist()))
+    q = jax.jit(queue.enqueue)(q, jnp.asarray(e), jnp.asarray(w), jnp.asarray(lab))
+print(json.dumps({"batches": batches, "embeddings": np.asarray(q.embeddings).tolist(),
+                  "labels": np.asarray(q.labels).tolist(), "valid": np.asarray(q.valid).tolist(),
+                  "position": int(q.position), "position_dtype": str(q.position.dtype)}))
+"""
+
+
+def test_queue_enqueue_under_x64_matches_a_numpy_ring_buffer():
+    """JAX_ENABLE_X64=1 crashed in enqueue (dynamic_update_slice index types int64/int32)."""
+    seed = int(np.random.default_rng().integers(1, 10**6))
+    out = subprocess.run([sys.executable, "-c", _X64_QUEUE, str(seed)], cwd=REPO,
+                         env=_env(JAX_ENABLE_X64="1"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # float64 reference: shard s of every batch (rows 2s, 2s+1) goes to ring buffer s,
+    # at the shard's write position, which advances by 2 and wraps at 6.
+    emb = np.zeros((2, 6, 3))
+    labels = np.zeros((2, 6), np.int64)
+    valid = np.zeros((2, 6), bool)
+    pos = 0
+    for e, _, lab in got["batches"]:
+        e, lab = np.asarray(e, np.float64), np.asarray(lab)
+        for shard in range(2):
+            emb[shard, pos:pos + 2] = e[2 * shard:2 * shard + 2]
+            labels[shard, pos:pos + 2] = lab[2 * shard:2 * shard + 2]
+            valid[shard, pos:pos + 2] = True
+        pos = (pos + 2) % 6
+    np.testing.assert_allclose(np.asarray(got["embeddings"]), emb.reshape(12, 3), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["labels"]), labels.reshape(12))
+    np.testing.assert_array_equal(np.asarray(got["valid"]), valid.reshape(12))
+    assert got["position"] == pos and got["position_dtype"] == "int32"
+
+
+@pytest.mark.slow
+def test_core_tests_pass_under_x64():
+    """The queue, train-step and loss tests once more in a child with JAX_ENABLE_X64=1."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-m",
+                          "not slow", "tests/test_queue.py", "tests/test_train_step.py",
+                          "tests/test_losses.py"], cwd=REPO, env=_env(JAX_ENABLE_X64="1"),
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
 
 
 def _worker(argv: list[str]) -> None:
