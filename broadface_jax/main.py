@@ -96,8 +96,9 @@ def _storage_failure(e: BaseException, workdir: str) -> str | None:
     cause = checkpointing.describe_io_error(e)
     if cause is None:
         return None
-    where, link = None, e
-    while link is not None and where is None:
+    where, link, seen = None, e, set()
+    while link is not None and where is None and id(link) not in seen:
+        seen.add(id(link))
         where = getattr(link, "filename", None)
         link = link.__cause__ or link.__context__
     if where is None and type(e).__name__ == "AsyncError":  # clu's asynchronous writer
