@@ -7,6 +7,11 @@ before the command does anything else, so a missing file, a field that does
 not parse or a value out of range ends the command at once with one message
 and :data:`EXIT_USAGE`, before any folder or file is made.
 ``fail(message, code)`` prints ``broadface_jax: <message>`` and exits.
+``run(main)`` is ``absl.app.run`` with the command line parsed by
+:func:`parse_flags`: a flag the parser refuses (an unknown flag, a
+misspelt ``--config.FIELD`` with the closest field names suggested, a value
+of the wrong type, a missing required flag) is one line and
+:data:`EXIT_USAGE`, not absl's traceback or two-line ``FATAL`` message.
 
 ``config_from_file(path, arg)`` loads a config file the same way from
 Python (tests, benchmarks, notebooks): ``get_config(arg)`` of the file,
@@ -15,13 +20,15 @@ locked.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging as py_logging
 import os
 import pathlib
 import sys
+from typing import Any, Callable, Sequence
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_USAGE = 2  # a bad command line or config: nothing was written
@@ -86,6 +93,123 @@ def load_config(flag_name: str = "config"):
     return config
 
 
+def _config_fields(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted field path of a ConfigDict (``model.width``, ``queue.size_per_device``)."""
+    out = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        out.append(path)
+        value = config[key]
+        if hasattr(value, "keys") and hasattr(value, "lock"):
+            out.extend(_config_fields(value, path + "."))
+    return out
+
+
+def _close_fields(field: str, fields: list[str]) -> list[str]:
+    """Close matches of a misspelt field: its siblings first, else any field path."""
+    parent, _, leaf = field.rpartition(".")
+    siblings = {f.rpartition(".")[2]: f for f in fields if f.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=2, cutoff=0.75)
+    if close:
+        return [siblings[c] for c in close]
+    return difflib.get_close_matches(field, fields, n=2, cutoff=0.8)
+
+
+def _config_file_arg(argv: Sequence[str], flag_name: str) -> str | None:
+    """The ``--config`` file argument on a command line (``configs/X.py[:variant]``)."""
+    for i, arg in enumerate(argv):
+        if arg in (f"--{flag_name}", f"-{flag_name}") and i + 1 < len(argv):
+            return argv[i + 1]
+        for dash in ("--", "-"):
+            if arg.startswith(f"{dash}{flag_name}="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _overrides(argv: Sequence[str], flag_name: str) -> list[tuple[str, str, str]]:
+    """``(argument as given, field, value)`` of every ``--config.FIELD[=VALUE]``."""
+    out = []
+    for i, arg in enumerate(argv):
+        for dash in ("--", "-"):
+            head = f"{dash}{flag_name}."
+            if arg.startswith(head):
+                field, eq, value = arg[len(head):].partition("=")
+                if not eq and i + 1 < len(argv):
+                    value, arg = argv[i + 1], f"{arg} {argv[i + 1]}"
+                out.append((arg, field, value))
+                break
+    return out
+
+
+def flag_error_message(error: BaseException, argv: Sequence[str],
+                       flag_name: str = "config") -> str:
+    """One line for a command line the flag parser refused.
+
+    An override of a field the config does not have names the argument and
+    the closest field names; an override whose value does not parse as the
+    field's type names the argument, the field's type and the parser's
+    reason; anything else is the parser's own message on one line.
+    """
+    text = " ".join(str(error).replace("\\n", " ").split())
+    if isinstance(error, (AttributeError, KeyError)):
+        text = text.strip("'\"")
+    overrides = _overrides(argv, flag_name)
+    config = None
+    if overrides:
+        given = _config_file_arg(argv, flag_name)
+        if given:
+            try:
+                config = config_from_file(given)
+            except Exception:  # the file itself is at fault: say what the parser said
+                config = None
+    if config is not None:
+        fields = _config_fields(config)
+        for arg, field, value in overrides:
+            if field not in fields:
+                close = _close_fields(field, fields)
+                hint = (f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+                        if close else "")
+                return f"{arg}: no such config field {field!r}{hint}"
+        for arg, field, value in overrides:
+            if f"{flag_name}.{field}=" in text or f"'{flag_name}.{field}'" in text:
+                node = config
+                for part in field.split("."):
+                    node = node[part]
+                if hasattr(node, "keys"):
+                    return (f"{arg}: config.{field} is a group of fields; set them one by "
+                            f"one (--{flag_name}.{field}.NAME=VALUE)")
+                reason = text.split(": ", 1)[-1] if text.startswith("flag ") else text
+                return (f"{arg}: {value!r} is not a valid {type(node).__name__} for "
+                        f"config.{field} (now {node!r}): {reason}")
+    if text.startswith("flag "):  # absl: "flag --x=v: reason"
+        text = text[len("flag "):]
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``absl.flags.FLAGS(argv)`` with any refusal turned into one line and exit 2.
+
+    ml_collections raises ``AttributeError`` / ``KeyError`` for an unknown
+    override field and absl ``flags.Error`` for a bad value or flag; each
+    ends the command with :func:`flag_error_message` and :data:`EXIT_USAGE`.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        fail(flag_error_message(e, argv), EXIT_USAGE)
+        raise  # not reached
+
+
+def run(main: Callable[[list[str]], Any],
+        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+    """``absl.app.run(main)`` with :func:`parse_flags` (one-line flag errors, exit 2).
+
+    ``flags_parser``: one that rewrites the command line and then calls
+    :func:`parse_flags` (:func:`workdir_config_parser`).
+    """
+    app.run(main, flags_parser=flags_parser)
+
+
 def fail(message: str, code: int) -> None:
     """One readable message on stderr, then exit ``code``."""
     logging.flush()
@@ -131,8 +255,6 @@ def workdir_config_parser(sources: tuple[str, ...] = ("checkpoint", "workdir"),
     apply. :func:`load_config_for_run` then refuses model fields that differ
     from the run's.
     """
-    from absl import app  # noqa: PLC0415
-
     def parse(argv: list[str]) -> list[str]:
         args = list(argv)
         given = any(a == f"--{flag_name}" or a.startswith(f"--{flag_name}=") for a in args[1:])
@@ -143,7 +265,7 @@ def workdir_config_parser(sources: tuple[str, ...] = ("checkpoint", "workdir"),
                     args.insert(1, f"--{flag_name}={WORKDIR_CONFIG_FILE}:{run}")
                     _CONFIG_FROM_WORKDIR[flag_name] = run
                     break
-        return app.parse_flags_with_usage(args)
+        return parse_flags(args)
 
     return parse
 

@@ -123,7 +123,7 @@ def main(argv: Sequence[str]) -> None:
 def cli_main() -> None:
     """The ``broadface-convert`` console script: ``python -m broadface_jax.convert``."""
     _define_flags()
-    app.run(main)
+    cli.run(main)  # one-line flag errors, exit 2
 
 
 if __name__ == "__main__":

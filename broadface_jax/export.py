@@ -127,7 +127,7 @@ def main(argv: Sequence[str]) -> None:
 def cli_main() -> None:
     """The ``broadface-export`` console script: ``python -m broadface_jax.export``."""
     _define_flags()
-    app.run(main, flags_parser=cli.workdir_config_parser())
+    cli.run(main, flags_parser=cli.workdir_config_parser())  # one-line flag errors, exit 2
 
 
 if __name__ == "__main__":

@@ -195,6 +195,69 @@ def _tfds_builder(config: Any):
     return builder
 
 
+class DataFileError(ValueError):
+    """A prepared data file is truncated or damaged; the message names the file."""
+
+
+def _array_record_source(src: Any) -> Any:
+    """array_record's data source inside a TFDS one (None for other formats)."""
+    inner = getattr(src, "data_source", None)
+    return inner if hasattr(inner, "_read_instructions") else None
+
+
+def check_data_files(src: Any, name: str) -> None:
+    """Opens every ArrayRecord file of a TFDS data source and checks its record count.
+
+    Cheap (each file's footer and index only). A file cut short (an
+    interrupted copy or preparation) holds fewer records than the data set's
+    metadata says; it is named in a :class:`DataFileError`.
+    """
+    from array_record.python import array_record_module  # noqa: PLC0415
+
+    inner = _array_record_source(src)
+    if inner is None:
+        return
+    for instruction in inner._read_instructions:
+        path = instruction.filename
+        try:
+            reader = array_record_module.ArrayRecordReader(path)
+            count = reader.num_records()
+            reader.close()
+        except Exception as e:  # not an ArrayRecord file at all
+            raise DataFileError(f"data file {path} of {name} is truncated or damaged: it cannot "
+                                f"be read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); prepare the data "
+                                "set again (broadface_jax.prepare --overwrite)") from e
+        if count < instruction.end:
+            raise DataFileError(
+                f"data file {path} of {name} is truncated or damaged: it holds {count} records, "
+                f"the data set's metadata says {instruction.end}; prepare the data set again "
+                "(broadface_jax.prepare --overwrite) or copy the file again")
+
+
+def _damaged_file_message(src: Any, name: str, keys: list[int], bad: int | None,
+                          error: BaseException | None) -> str:
+    """Which file a failed read came from (re-reading the keys one by one)."""
+    inner = _array_record_source(src)
+    culprit, reason = bad, f"{type(error).__name__}: {error}" if error else "empty record"
+    if culprit is None:
+        for key in keys:
+            try:
+                if src[key] is None:
+                    culprit = key
+                    break
+            except Exception as e:
+                culprit, reason = key, f"{type(e).__name__}: {e}"
+                break
+    reason = " ".join(str(reason).split())[:300]
+    if inner is not None and culprit is not None:
+        index, position = inner._reader_idx_and_position(culprit)
+        path = inner._read_instructions[index].filename
+        return (f"data file {path} of {name} is damaged (record {position}: {reason}); prepare "
+                "the data set again (broadface_jax.prepare --overwrite) or copy the file again")
+    return f"a data file of {name} is damaged ({reason})"
+
+
 def _tfds_info(config: Any) -> DataInfo:
     builder = _tfds_builder(config)
     split = config.dataset.split
@@ -220,10 +283,21 @@ def _tfds_source(config: Any, process_index: int, process_count: int) -> _Source
             f"(prepare it with broadface_jax.prepare, which writes ArrayRecord): {e}") from e
     if len(src) == 0:
         raise ValueError(f"data set {name} split {split!r} shard {process_index}/{process_count} is empty")
+    check_data_files(src, name)
     where = f"{name} ({builder.data_dir}) split {split!r}"
 
     def fetch(indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        records = src.__getitems__([int(i) for i in indices])
+        keys = [int(i) for i in indices]
+        try:
+            records = src.__getitems__(keys)
+            bad = next((k for k, r in zip(keys, records) if r is None), None)
+            error: Exception | None = None
+        except Exception as e:  # riegeli / array_record: a damaged chunk
+            bad, error = None, e
+        if isinstance(error, RuntimeError) and "interpreter shutdown" in str(error):
+            raise error  # tf.data still prefetching while Python exits: not the data's fault
+        if bad is not None or error is not None:
+            raise DataFileError(_damaged_file_message(src, name, keys, bad, error)) from error
         return ([r["image"] for r in records],
                 np.array([r["label"] for r in records], dtype=np.int64))
 
@@ -552,8 +626,8 @@ class TrainIterator:
         try:
             images, labels = next(self._it)
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-            bad = _find_bad_record(self._source, self._stream, self.step, tf)
-            raise ValueError(f"corrupt image in {bad}") from e
+            bad = _find_bad_record(self._source, self._stream, self.step, tf)  # DataFileError
+            raise DataFileError(f"corrupt image in {bad}") from e
         check_labels(labels, self._num_classes, self._source.name)
         self.step += 1
         return {"image": images, "label": labels.astype(np.int32)}

@@ -22,6 +22,16 @@ largest step any process had reached, plus one). So with more than one
 process SIGTERM is left to JAX, and SIGINT is forwarded to it as a SIGTERM
 to this process; once the processes agree, both signals abort.
 
+Before the first step there is nothing to checkpoint: a command installs
+the handlers first thing (:func:`install_early`, before flags are parsed and
+before TensorFlow / JAX are imported), so a signal during start-up is only
+recorded, never a ``KeyboardInterrupt`` or a default SIGTERM death inside an
+import, a restore or a compilation (which ended in segmentation faults).
+Start-up asks :func:`check_start` at points where nothing is half-written
+(after the imports, after the distributed set-up, just before the first
+step), which raises :class:`StoppedBeforeStart`: exit :data:`EXIT_PREEMPTED`
+for SIGTERM, :data:`EXIT_INTERRUPTED` for SIGINT.
+
 Handlers can only be installed from the main thread; elsewhere (a notebook
 thread, a test runner's worker thread) the run keeps the default signal
 behaviour and says so in the log.
@@ -40,6 +50,10 @@ from absl import logging
 #: (sysexits' EX_TEMPFAIL, "temporary failure; retry"). Launchers requeue on it.
 EXIT_PREEMPTED = 75
 
+#: Exit code of a command stopped by SIGINT (Ctrl-C) before its first step (128 + SIGINT,
+#: what a shell reports for Ctrl-C): a person asked it to stop, so launchers do not re-run it.
+EXIT_INTERRUPTED = 130
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -53,6 +67,21 @@ class Preempted(Exception):
             f"{checkpoint}; run the same command again to resume")
 
 
+class StoppedBeforeStart(Exception):
+    """A signal came during start-up: the command stops before its first step.
+
+    ``exit_code`` is :data:`EXIT_INTERRUPTED` for SIGINT, else :data:`EXIT_PREEMPTED`.
+    """
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        self.exit_code = (EXIT_INTERRUPTED if signal_name.startswith("SIGINT")
+                          else EXIT_PREEMPTED)
+        super().__init__(
+            f"stopped by {signal_name} during start-up, before the first step: this start "
+            "trained and checkpointed nothing; run the same command again to go on")
+
+
 def _write_stderr(text: str) -> None:
     # Async-signal-safe enough for a Python handler: no logging locks.
     try:
@@ -64,7 +93,8 @@ def _write_stderr(text: str) -> None:
 class StopOnSignal:
     """Context manager that turns SIGTERM / SIGINT into ``should_stop(step) == True``."""
 
-    def __init__(self, process_count: Optional[int] = None):
+    def __init__(self, process_count: Optional[int] = None, starting: bool = False):
+        self._starting = starting  # before the first step: no checkpoint to write
         if process_count is None:
             import jax
 
@@ -89,8 +119,12 @@ class StopOnSignal:
                           "newest finished checkpoint is kept\n")
             os._exit(128 + signum)
         self._received = name
-        _write_stderr(f"\nbroadface_jax: {name} received: stopping after this step with a "
-                      "checkpoint (send it again to abort at once)\n")
+        if self._starting:
+            _write_stderr(f"\nbroadface_jax: {name} received during start-up: stopping before "
+                          "the first step (send it again to abort at once)\n")
+        else:
+            _write_stderr(f"\nbroadface_jax: {name} received: stopping after this step with a "
+                          "checkpoint (send it again to abort at once)\n")
         if self._multi and signum != signal.SIGTERM:
             # JAX's preemption notifier listens for SIGTERM; it tells every process.
             os.kill(os.getpid(), signal.SIGTERM)
@@ -148,3 +182,34 @@ class StopOnSignal:
                     self._install(_SIGNALS)  # from now on any signal aborts
             return stop
         return self._received is not None
+
+
+# ------------------------------------------------------------------ start-up
+
+_early: Optional[StopOnSignal] = None
+
+
+def install_early() -> StopOnSignal:
+    """Takes SIGTERM / SIGINT over for a command's start-up (call it first thing).
+
+    A signal is then only recorded, and :func:`check_start` stops the command
+    at the next point where nothing is half-written. The training loop's own
+    :class:`StopOnSignal` takes over when it starts and puts this one back
+    when it ends. A no-op outside the main thread.
+    """
+    global _early
+    if _early is None:
+        _early = StopOnSignal(process_count=1, starting=True)
+        _early.install()
+    return _early
+
+
+def check_start(stopper: Optional[StopOnSignal] = None) -> None:
+    """Raises :class:`StoppedBeforeStart` if a signal came during start-up.
+
+    Looks at the start-up handler of :func:`install_early` and at ``stopper``
+    (the loop's, installed but before its first step).
+    """
+    for each in (stopper, _early):
+        if each is not None and each._received is not None:
+            raise StoppedBeforeStart(each._received)

@@ -26,16 +26,24 @@ manual_dir per data set:
   cars196          folder with cars_annos.mat and car_ims/
 The retrieval sets keep their images at their own size (see
 broadface_jax/datasets/retrieval.py for the splits and labels).
+
+Bad images (image_folder, insightface_rec): every image is decoded in full;
+one that does not decode (not an image, truncated, damaged JPEG data) is
+skipped, logged, listed in `<data_dir>/<dataset>/<version>/skipped.txt`
+(`reason<TAB>file<TAB>detail`, with the other files left out) and counted
+in the summary printed at the end. `--strict` stops at the first bad image
+instead, with one line naming it (exit 1).
 """
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import sys
 
 from absl import app, flags
 
-from broadface_jax import datasets
+from broadface_jax import cli, datasets
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(datasets.SHORT_NAMES), "Data set to prepare.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the raw data (see the module doc).")
@@ -43,14 +51,24 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (de
 _CFP_NAMES = flags.DEFINE_string("cfp_names_file", None,
                                  "lfw only: CFP's list_name.txt (people to leave out of dev_train).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set is already prepared.")
+_STRICT = flags.DEFINE_bool("strict", False, "image_folder / insightface_rec: stop at the first "
+                            "image that does not decode instead of skipping and listing it.")
 _FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
                                  "Output format; training needs array_record (random access).")
 
 
+SKIPPED_FILE = "skipped.txt"
+
+
 def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
             cfp_names_file: str | None = None, overwrite: bool = False,
-            file_format: str = "array_record"):
-    """Builds `dataset` from `manual_dir` into `data_dir`; returns the builder."""
+            file_format: str = "array_record", strict: bool = False):
+    """Builds `dataset` from `manual_dir` into `data_dir`; returns the builder.
+
+    Writes ``skipped.txt`` beside the prepared files when anything was left
+    out (:func:`write_skipped`). ``strict``: the first bad image raises
+    ``datasets.common.BadImageError`` (builders that check images only).
+    """
     import tensorflow_datasets as tfds
 
     from broadface_jax import input_pipeline
@@ -66,12 +84,30 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
         if datasets.builder_class(dataset).name != "lfw_aligned":
             raise ValueError("--cfp_names_file only applies to --dataset lfw")
         kwargs["cfp_names_file"] = cfp_names_file
+    if strict:
+        if "strict" not in inspect.signature(datasets.builder_class(dataset).__init__).parameters:
+            raise ValueError(f"--strict applies to --dataset image_folder and insightface_rec, "
+                             f"not {dataset}")
+        kwargs["strict"] = True
     builder = datasets.get_builder(dataset, data_dir, **kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual), download_mode=mode))
+    write_skipped(builder)
     return builder
+
+
+def write_skipped(builder) -> pathlib.Path | None:
+    """``skipped.txt`` in the prepared data set's folder: one ``reason<TAB>file[<TAB>detail]``
+    line per file left out (from the metadata's ``skipped``); None when nothing was."""
+    skipped = (builder.info.metadata or {}).get("skipped") or {}
+    lines = [f"{reason}\t{entry}" for reason, entries in skipped.items() for entry in entries]
+    if not lines:
+        return None
+    path = pathlib.Path(builder.data_dir) / SKIPPED_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def summary(builder) -> str:
@@ -82,9 +118,13 @@ def summary(builder) -> str:
     meta = builder.info.metadata or {}
     if "num_classes" in meta:
         lines.append(f"  identities (num_classes): {meta['num_classes']}")
-    for reason, names in (meta.get("skipped") or {}).items():
+    skipped = meta.get("skipped") or {}
+    for reason, names in skipped.items():
+        names = [n.split("\t")[0] for n in names]  # bad_images: "file<TAB>reason"
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         lines.append(f"  skipped ({reason.replace('_', ' ')}): {len(names)}: {shown}")
+    if any(skipped.values()):
+        lines.append(f"  skipped files listed in {pathlib.Path(builder.data_dir) / SKIPPED_FILE}")
     if "classes_per_split" in meta:  # retrieval sets: classes of every split
         lines.append("  classes per split: " + ", ".join(f"{k} {v}" for k, v in meta["classes_per_split"].items()))
     return "\n".join(lines)
@@ -93,19 +133,27 @@ def summary(builder) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from broadface_jax import cli
+    from broadface_jax.datasets import common
 
     cli.quiet_third_party_logs()
-    builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
-                      cfp_names_file=_CFP_NAMES.value, overwrite=_OVERWRITE.value,
-                      file_format=_FILE_FORMAT.value)
+    try:
+        builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
+                          cfp_names_file=_CFP_NAMES.value, overwrite=_OVERWRITE.value,
+                          file_format=_FILE_FORMAT.value, strict=_STRICT.value)
+    except common.BadImageError as e:  # --strict
+        cli.fail(f"{' '.join(str(e).split())} (--strict: stopped at the first bad image; "
+                 "without it bad images are skipped and listed)", 1)
+    except FileNotFoundError as e:
+        cli.fail(" ".join(str(e).split()), cli.EXIT_USAGE)
+    except ValueError as e:
+        cli.fail(" ".join(str(e).split()), 1)
     print(summary(builder), file=sys.stdout)
 
 
 def cli_main() -> None:
     """The ``broadface-prepare`` console script: ``python -m broadface_jax.prepare``."""
     flags.mark_flags_as_required(["dataset", "manual_dir"])
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

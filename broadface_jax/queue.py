@@ -104,11 +104,14 @@ def enqueue(queue: QueueState, embeddings: jax.Array, weights: jax.Array,
         raise ValueError(
             f"queue shard capacity {queue.shard_capacity} must be a multiple of the "
             f"per-shard batch {local} (ring-buffer writes never wrap)")
-    pos = queue.position
+    # One index type for dynamic_update_slice: with JAX_ENABLE_X64=1 a literal 0 is int64
+    # while the saved position is int32.
+    pos = jnp.asarray(queue.position, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
 
     def write(buf, new):
         new = _split(new.astype(buf.dtype), s)
-        start = (0, pos) + (0,) * (buf.ndim - 1)
+        start = (zero, pos) + (zero,) * (buf.ndim - 1)
         return _merge(jax.lax.dynamic_update_slice(_split(buf, s), new, start))
 
     return queue.replace(

@@ -589,6 +589,7 @@ class _Run:
         self.profile = _profiler(config, self.workdir, start, total)
         hooks = [h for h in (progress, self.profile) if h is not None]
         interval = _Interval(sharding.global_batch_size(config))
+        preemption.check_start(self.stopper)  # a signal during start-up: stop before step 1
         for step in range(start + 1, total + 1):
             batch = sharding.shard_batch(_next_batch(self.iterator, step, config), self.mesh)
             if step == start + 1:
@@ -650,16 +651,22 @@ class _Run:
             self.iterator.close()  # release tf.data while the interpreter is alive
         if self.profile is not None:
             _stop_profile()
-        try:
-            checkpointing.wait(self.manager)
-        except checkpointing.CheckpointWriteError as e:
-            if not failed:
-                raise
-            logging.warning("while stopping: %s", e)
-        finally:
-            self.manager.close()
-            self.writer.close()
-            self.stopper.restore()
+        # Every step runs even when an earlier one fails (a full disk fails them all); the
+        # first failure is raised only when the run itself did not fail already, so
+        # the error that stopped the run is the one reported (not a raw orbax / clu
+        # re-raise of it from close()).
+        errors: list[BaseException] = []
+        for close in (lambda: checkpointing.wait(self.manager), self.manager.close,
+                      self.writer.close):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+        self.stopper.restore()
+        if errors and not failed:
+            raise errors[0]
+        for e in errors:
+            logging.warning("while stopping: %s", " ".join(str(e).split())[:300])
 
     def report(self) -> dict[str, float]:
         """The final metrics; prints the evaluation table (process 0)."""

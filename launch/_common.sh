@@ -60,3 +60,44 @@ bf_check_override() {
     bf_die "unknown argument '$1' (config overrides look like --config.lr=0.1)"
   fi
 }
+
+# Exit status of a run that stopped cleanly after a checkpoint on SIGTERM
+# (broadface_jax.preemption.EXIT_PREEMPTED): the same command resumes it.
+BF_EXIT_PREEMPTED=75
+# How many times a launcher re-runs a preempted run (--max-restarts / BF_MAX_RESTARTS).
+BF_MAX_RESTARTS=${BF_MAX_RESTARTS:-10}
+# Set by bf_trap_stop when this script itself gets SIGTERM / SIGINT: no more restarts.
+BF_STOP=0
+
+# bf_trap_stop : a SIGTERM / SIGINT to this script ends the restart loop. The
+# trainer, in the same process group, gets the signal too, checkpoints and exits 75.
+bf_trap_stop() {
+  trap 'BF_STOP=1' TERM INT
+}
+
+# bf_check_restarts VALUE : die unless VALUE is a number of restarts.
+bf_check_restarts() {
+  [[ $1 =~ ^[0-9]+$ ]] || bf_die "--max-restarts '$1': expected a number (0: never re-run)"
+}
+
+# bf_retry CMD ARG... : run the command; while it exits 75 (preempted after its
+# checkpoint) run it again, which resumes the run, at most BF_MAX_RESTARTS times.
+# Any other status (0, a failure, 130 after Ctrl-C) ends the loop and is returned.
+bf_retry() {
+  local tries=0 status
+  if [[ $DRY_RUN == 1 ]]; then
+    bf_note "re-run while it exits $BF_EXIT_PREEMPTED (preempted; it resumes), at most $BF_MAX_RESTARTS times"
+    bf_quote "$@"
+    return 0
+  fi
+  while :; do
+    status=0
+    "$@" || status=$?
+    if ((status != BF_EXIT_PREEMPTED || BF_STOP || tries >= BF_MAX_RESTARTS)); then
+      return "$status"
+    fi
+    tries=$((tries + 1))
+    printf '%s: preempted (exit %d): resuming, restart %d of %d\n' "${0##*/}" "$status" \
+      "$tries" "$BF_MAX_RESTARTS" >&2
+  done
+}

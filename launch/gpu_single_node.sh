@@ -26,6 +26,8 @@ Options:
                        XLA preallocates (default 0.90, leaving room for cuDNN/NCCL)
   --xla-flags FLAGS    extra XLA_FLAGS, appended to the defaults below
   --python PY          Python interpreter (default: $PYTHON or python3)
+  --max-restarts N     re-run a preempted run (exit 75: stopped by SIGTERM after its
+                       checkpoint) up to N times; it resumes (default 10, or $BF_MAX_RESTARTS)
   --dry-run            print the commands instead of running them
   -h, --help           show this help
 
@@ -75,6 +77,8 @@ while (($# > 0)); do
     --xla-flags=*) XLA_EXTRA=${1#*=}; shift ;;
     --python) bf_need_value "$1" $# "${2:-}"; PYTHON_BIN=$2; shift 2 ;;
     --python=*) PYTHON_BIN=${1#*=}; shift ;;
+    --max-restarts) bf_need_value "$1" $# "${2:-}"; BF_MAX_RESTARTS=$2; shift 2 ;;
+    --max-restarts=*) BF_MAX_RESTARTS=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; EXTRA+=("$@"); break ;;
     --config.*) bf_check_override "$1"; EXTRA+=("$1"); shift ;;
@@ -90,6 +94,7 @@ done
 if [[ ! $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
   bf_die "--port '$PORT' is not a TCP port"
 fi
+bf_check_restarts "$BF_MAX_RESTARTS"
 [[ $MEM_FRACTION =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] ||
   bf_die "--mem-fraction '$MEM_FRACTION': expected a number in (0, 1], e.g. 0.9"
 
@@ -102,8 +107,10 @@ ENV=(env "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION" "XLA_FLAGS=$XLA")
 MAIN=("$PYTHON_BIN" -m broadface_jax.main "--config=$CONFIG" "--workdir=$WORKDIR")
 
 if ((PER_GPU == 0)); then
-  bf_run "${ENV[@]}" "${MAIN[@]}" "${EXTRA[@]}"
-  exit 0
+  bf_trap_stop
+  status=0
+  bf_retry "${ENV[@]}" "${MAIN[@]}" "${EXTRA[@]}" || status=$?
+  exit "$status"
 fi
 
 # ---- one process per GPU
@@ -136,46 +143,77 @@ cleanup() {
 
 bf_note "$NUM processes, one per GPU; coordinator localhost:$PORT"
 bf_run mkdir -p "$LOG_DIR"
-for ((i = 0; i < NUM; i++)); do
-  log="$LOG_DIR/process_$i.log"
-  LOGS+=("$log")
-  cmd=("${ENV[@]}" "${MAIN[@]}" "--coordinator_address=localhost:$PORT" "--num_processes=$NUM"
-    "--process_id=$i" "--local_device_ids=$i" "${EXTRA[@]}")
-  if [[ $DRY_RUN == 1 ]]; then
-    printf '%s > %s 2>&1 &\n' "$(bf_quote "${cmd[@]}")" "$(bf_quote "$log")"
-  else
-    : >"$log" # create it now: the redirection below happens in the background job, after tail starts
-    "${cmd[@]}" >"$log" 2>&1 &
-    REMAINING+=($!)
-  fi
-done
 if [[ $DRY_RUN == 1 ]]; then
+  for ((i = 0; i < NUM; i++)); do
+    log="$LOG_DIR/process_$i.log"
+    LOGS+=("$log")
+    cmd=("${ENV[@]}" "${MAIN[@]}" "--coordinator_address=localhost:$PORT" "--num_processes=$NUM"
+      "--process_id=$i" "--local_device_ids=$i" "${EXTRA[@]}")
+    printf '%s > %s 2>&1 &\n' "$(bf_quote "${cmd[@]}")" "$(bf_quote "$log")"
+  done
   printf 'tail -n +1 -F %s &\n' "$(bf_quote "${LOGS[@]}")"
   printf 'wait\n'
   exit 0
 fi
 
-trap cleanup INT TERM EXIT
-tail -n +1 -F "${LOGS[@]}" &
-TAIL=$!
-status=0
-# Stop everything as soon as one process fails: the others would wait for it forever.
-while ((${#REMAINING[@]} > 0)); do
-  finished=""
-  wait -n -p finished "${REMAINING[@]}" || status=$?
-  declare -a still=()
-  for pid in "${REMAINING[@]}"; do
-    [[ $pid == "$finished" ]] || still+=("$pid")
+# run_all : start every process, stream their logs, wait; returns the first failure's status.
+run_all() {
+  local i log pid finished status=0
+  LOGS=() REMAINING=()
+  for ((i = 0; i < NUM; i++)); do
+    log="$LOG_DIR/process_$i.log"
+    LOGS+=("$log")
+    cmd=("${ENV[@]}" "${MAIN[@]}" "--coordinator_address=localhost:$PORT" "--num_processes=$NUM"
+      "--process_id=$i" "--local_device_ids=$i" "${EXTRA[@]}")
+    : >"$log" # create it now: the redirection below happens in the background job, after tail starts
+    "${cmd[@]}" >"$log" 2>&1 &
+    REMAINING+=($!)
   done
-  REMAINING=("${still[@]}")
-  if ((status != 0)); then
-    printf '%s: a training process failed (exit %d); stopping the others (logs in %s)\n' \
-      "${0##*/}" "$status" "$LOG_DIR" >&2
+  tail -n +1 -F "${LOGS[@]}" &
+  TAIL=$!
+  # Stop everything as soon as one process fails: the others would wait for it forever.
+  while ((${#REMAINING[@]} > 0)); do
+    finished=""
+    wait -n -p finished "${REMAINING[@]}" || status=$?
+    declare -a still=()
+    for pid in "${REMAINING[@]}"; do
+      [[ $pid == "$finished" ]] || still+=("$pid")
+    done
+    REMAINING=("${still[@]}")
+    if ((status == BF_EXIT_PREEMPTED)); then
+      # The others stop at the same step (a coordinated stop): wait for them, do not kill.
+      printf '%s: a training process was preempted (exit %d); waiting for the others (logs in %s)\n' \
+        "${0##*/}" "$status" "$LOG_DIR" >&2
+      break
+    elif ((status != 0)); then
+      printf '%s: a training process failed (exit %d); stopping the others (logs in %s)\n' \
+        "${0##*/}" "$status" "$LOG_DIR" >&2
+      break
+    fi
+  done
+  ((status == BF_EXIT_PREEMPTED)) || cleanup
+  for pid in "${REMAINING[@]}"; do # let them finish their checkpoint before any restart
+    wait "$pid" 2>/dev/null || true
+  done
+  REMAINING=()
+  sleep 1 # let tail print the last lines
+  kill "$TAIL" 2>/dev/null || true
+  wait "$TAIL" 2>/dev/null || true
+  return "$status"
+}
+
+trap 'BF_STOP=1; cleanup' INT TERM
+trap cleanup EXIT
+tries=0
+while :; do
+  status=0
+  run_all || status=$?
+  if ((status != BF_EXIT_PREEMPTED || BF_STOP || tries >= BF_MAX_RESTARTS)); then
     break
   fi
+  tries=$((tries + 1))
+  printf '%s: preempted (exit %d): restarting all processes to resume, restart %d of %d\n' \
+    "${0##*/}" "$status" "$tries" "$BF_MAX_RESTARTS" >&2
 done
-cleanup
-sleep 1 # let tail print the last lines
-kill "$TAIL" 2>/dev/null || true
 trap - INT TERM EXIT
 exit "$status"

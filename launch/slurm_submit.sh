@@ -126,6 +126,8 @@ generate_script() {
   printf '#SBATCH --cpus-per-task=%s\n' "$CPUS_PER_TASK"
   printf '#SBATCH --time=%s\n' "$TIME"
   printf '#SBATCH --output=slurm-%%x-%%j.out\n'
+  printf '#SBATCH --requeue\n'
+  printf '#SBATCH --signal=TERM@300\n'
   [[ -z $PARTITION ]] || printf '#SBATCH --partition=%s\n' "$PARTITION"
   [[ -z $ACCOUNT ]] || printf '#SBATCH --account=%s\n' "$ACCOUNT"
   [[ -z $QOS ]] || printf '#SBATCH --qos=%s\n' "$QOS"

@@ -39,6 +39,9 @@ Options:
   --detach                 start training in the background (nohup) and return at once;
                            follow it with the logs command
   --lines N                lines per worker for the logs command (default 20)
+  --max-restarts N         train/up: a worker whose trainer exits 75 (stopped by SIGTERM
+                           after its checkpoint, e.g. a maintenance event) runs it again,
+                           which resumes, up to N times (default 10, or $BF_MAX_RESTARTS)
   --dry-run                print the commands instead of running them
   -h, --help               show this help
 
@@ -108,6 +111,8 @@ while (($# > 0)); do
     --detach) DETACH=1; shift ;;
     --lines) bf_need_value "$1" $# "${2:-}"; LINES=$2; shift 2 ;;
     --lines=*) LINES=${1#*=}; shift ;;
+    --max-restarts) bf_need_value "$1" $# "${2:-}"; BF_MAX_RESTARTS=$2; shift 2 ;;
+    --max-restarts=*) BF_MAX_RESTARTS=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; EXTRA+=("$@"); break ;;
     --config.*) bf_check_override "$1"; EXTRA+=("$1"); shift ;;
@@ -121,6 +126,7 @@ done
   bf_die "--name '$NAME': use lowercase letters, digits and '-', starting with a letter"
 [[ -n $ZONE ]] || bf_die "--zone is required"
 [[ $LINES =~ ^[0-9]+$ ]] || bf_die "--lines '$LINES' is not a number"
+bf_check_restarts "$BF_MAX_RESTARTS"
 if [[ $COMMAND == train || $COMMAND == up || $COMMAND == logs ]]; then
   [[ -n $WORKDIR || -n $RUN_NAME ]] || bf_die "--workdir is required for '$COMMAND'"
 fi
@@ -178,11 +184,13 @@ train_command() {
   # expanded on the worker, hence the single quotes.
   # shellcheck disable=SC2016
   local worker='W=$(curl -sf -H "Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)'
+  # Exit 75 (preempted after a checkpoint): run it again, which resumes.
+  local loop="n=0; while :; do${main}; rc=\$?; [ \$rc -eq $BF_EXIT_PREEMPTED ] && [ \$n -lt $BF_MAX_RESTARTS ] || break; n=\$((n + 1)); echo \"preempted (exit \$rc): resuming, restart \$n of $BF_MAX_RESTARTS\"; done; exit \$rc"
   local line="set -o pipefail; cd ~/broadface_jax && $worker && mkdir -p $REMOTE_LOGS && "
   if ((DETACH)); then
-    line+="nohup${main} > $REMOTE_LOGS/worker-\$W.log 2>&1 < /dev/null & echo \"worker \$W started\""
+    line+="nohup bash -c $(printf '%q' "$loop") > $REMOTE_LOGS/worker-\$W.log 2>&1 < /dev/null & echo \"worker \$W started\""
   else
-    line+="${main# } 2>&1 | tee $REMOTE_LOGS/worker-\$W.log | sed -u \"s/^/[worker \$W] /\""
+    line+="( $loop ) 2>&1 | tee $REMOTE_LOGS/worker-\$W.log | sed -u \"s/^/[worker \$W] /\""
   fi
   printf '%s\n' "$line"
 }

@@ -224,17 +224,107 @@ def test_image_folder_builder(tmp_path):
             assert np.abs(got - other).mean() > 20
 
 
-def test_image_folder_corrupt_image_names_the_file(tmp_path):
-    raw = tmp_path / "faces"
-    (raw / "a").mkdir(parents=True)
-    Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(raw / "a" / "ok.jpg")
-    good = (raw / "a" / "ok.jpg").read_bytes()
-    (raw / "a" / "bad.jpg").write_bytes(good[: len(good) // 3])
-    with pytest.raises(ValueError, match=r"a/bad\.jpg"):
-        _prepare("image_folder", raw, tmp_path / "data")
+def _damaged_jpegs(rng) -> dict[str, bytes]:
+    """A good 112x112 JPEG and three broken ones made from it, by how they are broken."""
+    textured = np.clip(np.cumsum(rng.normal(0, 8, (112, 112, 3)), axis=1) + 128, 0, 255)
+    good = _jpeg(textured.astype(np.uint8))
+    scan = good.find(b"\xff\xda")  # start of scan: the entropy-coded image data follows
+    # Valid header, the second half of the scan data lost, the end marker kept (a failed
+    # download or a bad sector); PIL decodes it without a word (libjpeg only warns and
+    # fills the rest with grey):
+    damaged = good[: (scan + len(good)) // 2] + b"\xff\xd9"
+    with Image.open(io.BytesIO(bytes(damaged))) as im:
+        im.load()
+    return {"good": good, "scan_damaged": bytes(damaged), "truncated": good[: len(good) // 2],
+            "not_an_image": b"<html>403 Forbidden</html>"}
+
+
+def test_face_jpeg_decodes_every_image_in_full():
+    from broadface_jax.datasets import common
+
+    images = _damaged_jpegs(np.random.default_rng(21))
+    assert common.face_jpeg(images["good"], "good.jpg") == images["good"]  # kept byte for byte
+    for name, reason in (("scan_damaged", "damaged JPEG data (Corrupt JPEG data"),
+                         ("truncated", "image file is truncated"),
+                         ("not_an_image", "not an image (PIL cannot identify it)")):
+        with pytest.raises(common.BadImageError) as info:
+            common.face_jpeg(images[name], f"faces/{name}.jpg")
+        text = str(info.value)
+        assert text.startswith(f"faces/{name}.jpg: ") and reason in text, text
+        assert "BytesIO" not in text and "\n" not in text
+
+
+def _bad_image_folder(root: pathlib.Path, rng) -> dict[str, bytes]:
+    images = _damaged_jpegs(rng)
+    files = {"a/0.jpg": _jpeg(_smooth_image(rng, 112, 112)), "a/1_scan.jpg": images["scan_damaged"],
+             "b/0.jpg": _jpeg(_smooth_image(rng, 112, 112)), "b/1_cut.jpg": images["truncated"],
+             "b/2.jpg": _jpeg(_smooth_image(rng, 112, 112)), "c/0_html.jpg": images["not_an_image"],
+             "c/1.jpg": _jpeg(_smooth_image(rng, 112, 112))}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_image_folder_skips_and_lists_bad_images(tmp_path):
+    from broadface_jax import datasets, prepare
+
+    files = _bad_image_folder(tmp_path / "faces", np.random.default_rng(22))
+    builder = prepare.prepare("image_folder", str(tmp_path / "faces"), str(tmp_path / "data"))
+    rows = {r["file"].decode(): r for r in _read_all(builder, "train")}
+    assert sorted(rows) == ["a/0.jpg", "b/0.jpg", "b/2.jpg", "c/1.jpg"]
+    for rel, row in rows.items():
+        assert row["image"] == files[rel]  # good 112x112 JPEGs are kept byte for byte
+    listed = (pathlib.Path(builder.data_dir) / prepare.SKIPPED_FILE).read_text().splitlines()
+    assert [line.split("\t")[:2] for line in listed] == [
+        ["bad_images", "a/1_scan.jpg"], ["bad_images", "b/1_cut.jpg"],
+        ["bad_images", "c/0_html.jpg"]]
+    assert "damaged JPEG data" in listed[0] and "truncated" in listed[1]
+    assert "not an image" in listed[2]
+    # The list is in the data set's info on disk too, and the summary counts it.
+    again = datasets.get_builder("image_folder", str(tmp_path / "data"))
+    assert [x.split("\t")[0] for x in again.info.metadata["skipped"]["bad_images"]] == [
+        "a/1_scan.jpg", "b/1_cut.jpg", "c/0_html.jpg"]
+    text = prepare.summary(again)
+    assert "skipped (bad images): 3: a/1_scan.jpg, b/1_cut.jpg, c/0_html.jpg" in text
+    assert f"skipped files listed in {again.data_dir}/skipped.txt" in text
+
+
+def test_image_folder_strict_stops_at_the_first_bad_image(tmp_path):
+    from broadface_jax import prepare
+    from broadface_jax.datasets import common, image_folder
+
+    _bad_image_folder(tmp_path / "faces", np.random.default_rng(23))
+    with pytest.raises(common.BadImageError, match=r"faces/a/1_scan\.jpg: damaged JPEG data"):
+        prepare.prepare("image_folder", str(tmp_path / "faces"), str(tmp_path / "data"),
+                        strict=True)
+    with pytest.raises(ValueError, match="--strict applies to --dataset image_folder"):
+        prepare.prepare("cfp", str(tmp_path / "faces"), str(tmp_path / "data"), strict=True)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        from broadface_jax.datasets import image_folder
         image_folder.list_identities(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_prepare_command_bad_images_one_line_with_strict_else_a_count(tmp_path):
+    import subprocess
+    import sys
+
+    _bad_image_folder(tmp_path / "faces", np.random.default_rng(24))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "broadface_jax.prepare", "--dataset", "image_folder",
+               "--manual_dir", str(tmp_path / "faces")]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([*command, "--data_dir", str(tmp_path / "strict"), "--strict"], cwd=repo,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "BytesIO" not in out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.startswith("broadface_jax: ")]
+    assert len(lines) == 1 and "faces/a/1_scan.jpg: damaged JPEG data" in lines[0], out.stderr
+    out = subprocess.run([*command, "--data_dir", str(tmp_path / "data")], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "split train: 4 examples" in out.stdout
+    assert "skipped (bad images): 3: a/1_scan.jpg, b/1_cut.jpg, c/0_html.jpg" in out.stdout
 
 
 def test_lfw_dev_train_counts(shared_data):

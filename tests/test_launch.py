@@ -144,8 +144,10 @@ def test_tpu_up_dry_run_exact_commands():
     train = ("set -o pipefail; cd ~/broadface_jax && W=$(curl -sf -H \"Metadata-Flavor: Google\" "
              "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number || hostname) && mkdir -p ~/broadface_logs/run1 && "
-             "python3 -m broadface_jax.main --config=configs/default.py "
-             "--workdir=gs://bucket/broadface/run1 --distributed=jax --config.lr=0.1 2>&1 "
+             "( n=0; while :; do python3 -m broadface_jax.main --config=configs/default.py "
+             "--workdir=gs://bucket/broadface/run1 --distributed=jax --config.lr=0.1; rc=$?; "
+             "[ $rc -eq 75 ] && [ $n -lt 10 ] || break; n=$((n + 1)); "
+             'echo "preempted (exit $rc): resuming, restart $n of 10"; done; exit $rc ) 2>&1 '
              "| tee ~/broadface_logs/run1/worker-$W.log | sed -u \"s/^/[worker $W] /\"")
     assert out == [
         f"{gc} create bf-v4 {where} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
@@ -181,9 +183,9 @@ def test_tpu_delete_logs_detach():
     out = lines(run("tpu_vm.sh", "train", *TPU, "--config", CONFIG, "--workdir", "gs://b/x/",
                     "--detach", "--dry-run"))
     assert len(out) == 1
-    assert ("&& nohup python3 -m broadface_jax.main --config=configs/default.py "
-            "--workdir=gs://b/x/ --distributed=jax > ~/broadface_logs/x/worker-$W.log 2>&1 "
-            "< /dev/null & echo \"worker $W started\"'") in out[0]
+    assert "&& nohup bash -c n=0\\;\\ while" in out[0]
+    assert ("> ~/broadface_logs/x/worker-$W.log 2>&1 < /dev/null & echo \"worker $W started\"'"
+            in out[0])
 
 
 def test_tpu_local_workdir_warns():
@@ -201,7 +203,7 @@ def test_tpu_overrides_survive_remote_quoting():
     command = shlex.split(out[0])[-1]
     assert command.startswith("--command=")
     remote = command[len("--command="):]
-    main = remote[remote.index("python3 -m broadface_jax.main"):remote.index(" 2>&1")]
+    main = remote[remote.index("python3 -m broadface_jax.main"):remote.index("; rc=$?")]
     # Let bash parse the remote command line the way the worker's shell will.
     argv = subprocess.run(["bash", "-c", "printf '%s\\n' " + main[len("python3 "):]],
                           capture_output=True, text=True, check=True).stdout.splitlines()
@@ -214,7 +216,8 @@ def test_tpu_overrides_survive_remote_quoting():
 def test_gpu_single_process_dry_run():
     out = lines(run("gpu_single_node.sh", "--config", CONFIG, "--workdir", "runs/r100",
                     "--gpus", "0,1,2,3", "--config.lr=0.1", "--dry-run"))
-    assert out == [f"env XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 XLA_FLAGS={LSC} "
+    assert out == ["# re-run while it exits 75 (preempted; it resumes), at most 10 times",
+                   f"env XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 XLA_FLAGS={LSC} "
                    "CUDA_VISIBLE_DEVICES=0,1,2,3 python3 -m broadface_jax.main "
                    "--config=configs/default.py --workdir=runs/r100 --config.lr=0.1"]
 
@@ -224,7 +227,7 @@ def test_gpu_keeps_user_xla_flags_and_python():
     out = lines(run("gpu_single_node.sh", "--config", CONFIG, "--workdir", "r",
                     "--mem-fraction", ".75", "--xla-flags", "--xla_gpu_triton_gemm_any=true",
                     "--dry-run", env=env))
-    assert out == ["env XLA_PYTHON_CLIENT_MEM_FRACTION=.75 'XLA_FLAGS=--xla_dump_to=/tmp/d "
+    assert out[1:] == ["env XLA_PYTHON_CLIENT_MEM_FRACTION=.75 'XLA_FLAGS=--xla_dump_to=/tmp/d "
                    f"{LSC} --xla_gpu_triton_gemm_any=true' /opt/py/bin/python -m "
                    "broadface_jax.main --config=configs/default.py --workdir=r"]
 
@@ -346,7 +349,8 @@ def test_slurm_submit_dry_run():
     assert header == ["#SBATCH --job-name=broadface", "#SBATCH --nodes=4",
                       "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                       "#SBATCH --cpus-per-task=32", "#SBATCH --time=24:00:00",
-                      "#SBATCH --output=slurm-%x-%j.out", "#SBATCH --partition=gpu",
+                      "#SBATCH --output=slurm-%x-%j.out", "#SBATCH --requeue",
+                      "#SBATCH --signal=TERM@300", "#SBATCH --partition=gpu",
                       "#SBATCH --account=fr"]
 
 
@@ -422,3 +426,114 @@ def test_sbatch_port_override_and_errors(tmp_path):
     result = subprocess.run(["bash", sbatch, "--config=c.py"], env=clean_env(SLURM_JOB_ID="9",
                             **base), capture_output=True, text=True)
     assert result.returncode == 2 and "missing --workdir=DIR" in result.stderr
+
+
+# ---------------------------------------------------------------- requeue on exit 75 (preempted)
+
+COUNTING_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: run number N (counted in $FAKE_DIR/runs) exits with the
+# N-th of $CODES (the last one from then on), as a trainer stopped by SIGTERM exits 75.
+echo run >> "$FAKE_DIR/runs"
+n=$(wc -l < "$FAKE_DIR/runs")
+IFS=, read -r -a codes <<< "$CODES"
+((n <= ${#codes[@]})) || n=${#codes[@]}
+exit "${codes[$((n - 1))]}"
+"""
+
+
+def _counting_python(tmp_path: pathlib.Path, name: str = "fake_python") -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(COUNTING_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def _runs(tmp_path: pathlib.Path) -> int:
+    path = tmp_path / "runs"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("codes, args, status, runs", [
+    ("75,75,0", [], 0, 3),               # preempted twice, resumed twice, finished
+    ("75", ["--max-restarts", "2"], 75, 3),  # gives up after 2 restarts, says 75
+    ("1,0", [], 1, 1),                   # a failure is not re-run
+    ("130,0", [], 130, 1),               # nor Ctrl-C
+])
+def test_gpu_single_process_reruns_a_preempted_run(tmp_path, codes, args, status, runs):
+    fake = _counting_python(tmp_path)
+    result = run("gpu_single_node.sh", "--config", CONFIG, "--workdir", "runs/x",
+                 "--python", str(fake), *args, env=clean_env(FAKE_DIR=str(tmp_path), CODES=codes))
+    assert result.returncode == status, result.stderr
+    assert _runs(tmp_path) == runs
+    restarts = [line for line in result.stderr.splitlines() if "preempted (exit 75)" in line]
+    assert len(restarts) == runs - 1
+    if runs > 1:
+        assert restarts[-1].endswith(f"restart {runs - 1} of {2 if args else 10}")
+
+
+def test_max_restarts_must_be_a_number():
+    result = run("gpu_single_node.sh", "--config", CONFIG, "--workdir", "r", "--max-restarts",
+                 "many")
+    assert result.returncode == 2 and "--max-restarts 'many'" in result.stderr
+
+
+def test_gpu_per_gpu_restarts_every_process_after_a_preemption(tmp_path):
+    fake = _counting_python(tmp_path)
+    # Round 1: the first process to end exits 75, the other one too (a coordinated stop).
+    env = clean_env(FAKE_DIR=str(tmp_path), CODES="75,75,0,0")
+    result = run("gpu_single_node.sh", "--config", CONFIG, "--workdir", "runs/x", "--per-gpu",
+                 "--gpus", "0,1", "--python", str(fake), "--log-dir", str(tmp_path / "logs"),
+                 env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _runs(tmp_path) == 4  # 2 processes x 2 rounds
+    assert "a training process was preempted (exit 75)" in result.stderr
+    assert "restarting all processes to resume, restart 1 of 10" in result.stderr
+
+
+def test_tpu_worker_loop_reruns_a_preempted_run(tmp_path):
+    """The loop each TPU worker runs, executed here with a stand-in python3."""
+    out = lines(run("tpu_vm.sh", "train", *TPU, "--config", CONFIG, "--workdir", "gs://b/r",
+                    "--max-restarts", "3", "--dry-run"))
+    remote = shlex.split(out[0])[-1][len("--command="):]
+    loop = remote[remote.index("( n=0;"):remote.index(" 2>&1 | tee")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _counting_python(bin_dir, "python3")
+    for codes, status, runs in (("75,0", 0, 2), ("75", 75, 4), ("2", 2, 1)):
+        (tmp_path / "runs").unlink(missing_ok=True)
+        result = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, timeout=30,
+                                env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}",
+                                              FAKE_DIR=str(tmp_path), CODES=codes))
+        assert (result.returncode, _runs(tmp_path)) == (status, runs), result.stdout
+        assert result.stdout.count("preempted (exit 75): resuming") == runs - 1
+
+
+@pytest.mark.parametrize("restart_count, requeued", [("0", True), ("9", True), ("10", False)])
+def test_sbatch_requeues_a_preempted_job(tmp_path, restart_count, requeued):
+    bin_dir = _fake_scontrol(tmp_path, ["n1", "n2"])
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\n"
+                        f"if [[ $1 == requeue ]]; then echo \"$2\" >> {tmp_path}/requeued; exit 0; fi\n"
+                        + scontrol.read_text().split("\n", 1)[1])
+    srun = bin_dir / "srun"
+    srun.write_text("#!/usr/bin/env bash\nexit 75\n")  # every task stopped by SIGTERM
+    srun.chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77",
+                    SLURM_JOB_NODELIST="n[1-2]", SLURM_SUBMIT_DIR=str(tmp_path),
+                    SLURM_RESTART_COUNT=restart_count)
+    result = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "--config=c.py",
+                             "--workdir=w"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 75
+    got = (tmp_path / "requeued").read_text().split() if (tmp_path / "requeued").exists() else []
+    assert got == (["77"] if requeued else [])
+    if requeued:
+        assert f"restart {int(restart_count) + 1} of 10" in result.stdout
+    else:
+        assert "not requeued" in result.stderr
+    # A finished or failed job is never requeued.
+    srun.write_text("#!/usr/bin/env bash\nexit 1\n")
+    result = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "--config=c.py",
+                             "--workdir=w"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert (tmp_path / "requeued").read_text().split() == got if got else \
+        not (tmp_path / "requeued").exists()

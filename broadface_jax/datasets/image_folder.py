@@ -5,9 +5,12 @@ sorted identity folder names' positions (0 .. N-1). Images should already be
 aligned face crops; any size other than 112x112 is resized (bilinear).
 
 What is left out is said, never silently dropped: files that are not images
-(by suffix), files directly in `manual_dir`, and identity folders without
-images are logged while preparing and recorded in the data set's metadata
-(`skipped`), which `broadface_jax.prepare` prints.
+(by suffix), files directly in `manual_dir`, identity folders without
+images, and images that do not decode in full (corrupt, truncated, damaged
+JPEG data: ``common.face_jpeg``) are logged while preparing and recorded in
+the data set's metadata (`skipped`), which `broadface_jax.prepare` prints
+and writes to ``skipped.txt``. With ``strict=True`` the first bad image
+stops the preparation instead (``BadImageError`` naming the file).
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class FaceImageFolder(tfds.core.GeneratorBasedBuilder):
     face images (jpg / png / bmp / webp). Labels follow the sorted folder names.
     """
 
+    def __init__(self, *, strict: bool = False, **kwargs):
+        self._strict = strict
+        super().__init__(**kwargs)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=common.face_features(),
@@ -95,7 +102,15 @@ class FaceImageFolder(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(root, identities)}
 
     def _generate_examples(self, root: pathlib.Path, identities):
+        bad = common.SkipList(self._strict)
         for label, (name, files) in enumerate(identities):
             for f in files:
                 rel = f.relative_to(root).as_posix()
-                yield rel, common.example(common.face_jpeg(f.read_bytes(), str(f)), label, name, rel)
+                try:
+                    jpeg = common.face_jpeg(f.read_bytes(), str(f))
+                except common.BadImageError as e:
+                    bad.skip(rel, e)
+                    continue
+                yield rel, common.example(jpeg, label, name, rel)
+        if bad.entries:  # saved with the data set's info once every split is written
+            self.info.metadata["skipped"]["bad_images"] = bad.names()

@@ -36,6 +36,10 @@ class InsightfaceRec(tfds.core.GeneratorBasedBuilder):
     manual_dir. Images are kept byte for byte when they are 112x112 RGB JPEGs.
     """
 
+    def __init__(self, *, strict: bool = False, **kwargs):
+        self._strict = strict  # True: the first bad image stops the preparation
+        super().__init__(**kwargs)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=common.face_features(),
@@ -69,6 +73,7 @@ class InsightfaceRec(tfds.core.GeneratorBasedBuilder):
                 yield key, recordio.image_label(header, where)
 
     def _generate_examples(self, rec: pathlib.Path, idx: pathlib.Path, num_classes: int):
+        bad = common.SkipList(self._strict)
         with recordio.IndexedRecordIO(rec, idx) as reader:
             for key in recordio.face_record_layout(reader).image_keys:
                 where = f"{rec} record {key} (offset {reader.index.get(key)})"
@@ -76,5 +81,11 @@ class InsightfaceRec(tfds.core.GeneratorBasedBuilder):
                 label = recordio.image_label(header, where)
                 if label >= num_classes:
                     raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
-                yield key, common.example(common.face_jpeg(payload, where), label, str(label),
-                                          f"train.rec#{key}")
+                try:
+                    jpeg = common.face_jpeg(payload, where)
+                except common.BadImageError as e:  # one bad image; the record file is fine
+                    bad.skip(f"train.rec#{key}", e)
+                    continue
+                yield key, common.example(jpeg, label, str(label), f"train.rec#{key}")
+        if bad.entries:
+            self.info.metadata.setdefault("skipped", {})["bad_images"] = bad.names()
