@@ -57,12 +57,15 @@ def run(config, workdir: str, model=None) -> None:
     failed save (disk full), a storage error or a NaN loss exit with 1 and one
     message, without a traceback. Anything else propagates.
     """
-    from broadface_jax import checkpointing, preemption, train, workdir as workdir_lib
+    from broadface_jax import (checkpointing, config_check, preemption, train,
+                               workdir as workdir_lib)
 
     try:
         train.train_and_evaluate(config, workdir, model=model)
     except preemption.Preempted as e:
         cli.fail(str(e), preemption.EXIT_PREEMPTED)
+    except config_check.ConfigError as e:  # the checks that need the devices (mesh, memory)
+        cli.fail(str(e), cli.EXIT_USAGE)
     except (workdir_lib.WorkdirBusyError, workdir_lib.ResumeConfigError,
             checkpointing.CheckpointWriteError, train.NonFiniteError) as e:
         cli.fail(str(e), 1)
