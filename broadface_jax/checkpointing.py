@@ -302,7 +302,7 @@ def write_manifest(step_dir: str | os.PathLike) -> str:
     tmp = step_dir / f"{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps({"algorithm": "crc32", "files": entries}, indent=0,
                               sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)
     return os.fspath(path)
 
 

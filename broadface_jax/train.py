@@ -35,14 +35,21 @@ over a diverged update cannot slip a bad state onto disk.
 
 What keeps a run safe from its operators (``broadface_jax.workdir``,
 ``preemption``, ``config_check``): the whole config is checked before
-anything is written; process 0 holds ``<workdir>/run.lock`` for the whole
-run, so a second run on the same workdir stops at once; the workdir records
-its config (``config.json``) and a resume with a different model, data,
-queue, batch or seed is refused unless allowed; SIGTERM / SIGINT finish the
-step, checkpoint it and raise :class:`preemption.Preempted`; a failed save
-(disk full) stops the run with one line; a latest checkpoint that cannot be
-read is set aside and the newest readable one is used;
-``config.restore_step`` rolls back to an older kept checkpoint.
+anything is written, including what needs the devices (mesh, queue chunks,
+``restore_step``, the memory per device: :func:`check_before_writing`);
+process 0 holds ``<workdir>/run.lock`` for the whole run, so a second run on
+the same workdir stops at once; a resume compares the config with the
+workdir's ``config.json`` (semantic changes refused unless allowed) and the
+checkpoint's layout with the state the config builds (layout changes
+refused naming the leaves, optimizer changes carried over; see
+``broadface_jax.workdir`` for the classes), and ``config.json`` is written
+only once the state is restored; SIGTERM / SIGINT finish the step,
+checkpoint it and raise :class:`preemption.Preempted`; a failed save (disk
+full) stops the run with one line; a checkpoint that cannot be read or fails
+its checksums is set aside once an older one is restored, and a workdir
+whose checkpoints are all unreadable stops the run unless
+``config.start_over``; ``config.restore_step`` rolls back to an older kept
+checkpoint on each command that asks (:func:`rollback_target`).
 """
 
 from __future__ import annotations

@@ -187,6 +187,17 @@ def test_allowed_queue_size_change_relays_the_queue_out(three_steps, tmp_path):
     new = {tuple(np.round(e, 6)) + (int(l),) for e, l, v in zip(
         np.asarray(q.embeddings), np.asarray(q.labels), np.asarray(q.valid)) if v}
     assert len(old) == int(saved["queue.valid"].sum()) and new == old
+    # and laid out as the saved 8 ring buffers of 4 rows re-laid out into 8 of 8 would be
+    from broadface_jax import queue as queue_lib
+
+    saved_q = queue_lib.QueueState(
+        embeddings=saved["queue.embeddings"], weights=saved["queue.weights"],
+        labels=saved["queue.labels"], valid=saved["queue.valid"],
+        position=saved["queue.position"], num_shards=8)
+    want = queue_lib.relayout(saved_q, 64, 8)
+    for k in ("embeddings", "weights", "labels", "valid", "position"):
+        np.testing.assert_array_equal(np.asarray(getattr(q, k)), np.asarray(getattr(want, k)),
+                                      err_msg=k)
     _run(run, {"total_steps": 5, **allowed})
     assert checkpointing.all_steps(run)[-1] == 5
     assert json.loads((run / workdir.CONFIG_FILE).read_text())["queue.size_per_device"] == 8
@@ -391,3 +402,61 @@ def test_rollback_twice_trains_from_the_step_each_time(three_steps, tmp_path, mo
     names = sorted(p.name for p in (run / checkpointing.SET_ASIDE_SUBDIR).iterdir())
     assert [n.split(".")[0] for n in names] == ["3", "3", "4"]
     assert (run / workdir.REPLACED_METRICS_FILE).exists()
+
+
+# ------------------------------------------------------------------ the probe's commands
+
+
+def _main(workdir_: pathlib.Path, *flags: str):
+    """``python -m broadface_jax.main`` with the smoke config on one CPU device."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    for name in train.INVOCATION_VARIABLES:
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "broadface_jax.main", "--config", "configs/demo.py:smoke",
+         f"--workdir={workdir_}", "--config.checkpoint_every_steps=1",
+         "--config.log_every_steps=1", "--config.eval.targets=()", *flags],
+        cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True,
+        text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_probe_commands_resume_or_stop_with_one_line(tmp_path):
+    run = tmp_path / "W"
+    assert _main(run, "--config.total_steps=2").returncode == 0
+    # momentum off: resumes (the probe: checkpoints set aside, trained from step 0)
+    done = _main(run, "--config.total_steps=3", "--config.optimizer.encoder.momentum=0.0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    # clipping on, weight decay off (the probe: CheckpointError tracebacks)
+    done = _main(run, "--config.total_steps=4", "--config.optimizer.encoder.momentum=0.0",
+                 "--config.grad_clip_norm=5.0", "--config.optimizer.encoder.weight_decay=0.0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpointing.all_steps(run) == [1, 2, 3, 4]
+    assert not (run / checkpointing.SET_ASIDE_SUBDIR).exists()
+    assert _logged_steps(run) == [1, 2, 3, 4]
+    # another width with config.json gone: one line, nothing recorded, nothing moved
+    recorded = (run / workdir.CONFIG_FILE).read_text()
+    (run / workdir.CONFIG_FILE).unlink()
+    failed = _main(run, "--config.total_steps=5", "--config.model.width=0.25")
+    assert failed.returncode == 1
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("broadface_jax: cannot resume") and "config builds" in last
+    assert "Traceback" not in failed.stderr
+    assert not (run / workdir.CONFIG_FILE).exists()
+    assert checkpointing.all_steps(run) == [1, 2, 3, 4]
+    (run / workdir.CONFIG_FILE).write_text(recorded)
+    # checks that need the devices, on a fresh workdir: exit 2, nothing written
+    fresh = tmp_path / "fresh"
+    for flag, text in (("--config.queue.chunk_size=3", "config.queue.chunk_size=3"),
+                       ("--config.mesh.model=2", "config.mesh.model=2"),
+                       ("--config.restore_step=7", "config.restore_step=7"),
+                       ("--config.queue.size_per_device=134217728",
+                        "config.queue.size_per_device=134217728")):
+        refused = _main(fresh, flag)
+        assert refused.returncode == 2, (flag, refused.stderr[-2000:])
+        assert text in refused.stderr and "Traceback" not in refused.stderr, flag
+        assert not fresh.exists(), flag
