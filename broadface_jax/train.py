@@ -225,9 +225,9 @@ def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None) -> dict[st
     rows = int(config.queue.size_per_device)
     chunk = train_step.queue_chunk(config, mesh) or rows
     if rows:
-        local_classes = train_step.padded_num_classes(config, mesh) // max(
-            1, sharding.classifier_shards(mesh, config.classifier_sharding))
+        # n class shards: each device scores n x chunk/n rows against C/n classes
         n = sharding.classifier_shards(mesh, config.classifier_sharding)
+        local_classes = train_step.padded_num_classes(config, mesh) // n
         out["queue.chunk_size"] = 3 * n * min(chunk, rows) * local_classes * 4
     return out
 
@@ -238,17 +238,24 @@ def check_memory(config: Any, mesh: jax.sharding.Mesh, model=None) -> None:
     total, limit = sum(need.values()), device_memory_bytes()
     if total <= MEMORY_FRACTION * limit:
         return
-    gib = 2.0 ** 30
     values = {"queue.size_per_device": config.queue.size_per_device,
               "num_classes": config.num_classes, "model": config.model.name,
               "queue.chunk_size": config.queue.chunk_size}
-    parts = ", ".join(f"config.{k}={values.get(k, '')!r}: {v / gib:.1f} GiB"
+    parts = ", ".join(f"config.{k}={values.get(k, '')!r}: {_size(v)}"
                       for k, v in sorted(need.items(), key=lambda kv: -kv[1])
                       if v > 0.01 * total and k != "other")
     raise config_check.ConfigError(
-        f"the train state and step need at least {total / gib:.1f} GiB per device "
-        f"({parts}), more than {MEMORY_FRACTION:.0%} of the {limit / gib:.1f} GiB one "
+        f"the train state and step need at least {_size(total)} per device "
+        f"({parts}), more than {MEMORY_FRACTION:.0%} of the {_size(limit)} one "
         f"device has: lower the largest of these fields or use more devices")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 @jax.jit

@@ -323,9 +323,13 @@ def test_manifest_is_written_before_the_step_counts(tmp_path, monkeypatch):
     ({"mesh.data": 3}, "data=3"),
     ({"mesh.model": 3}, "config.mesh.model=3"),
     ({"restore_step": 7}, "config.restore_step=7"),
-    ({"queue.size_per_device": 2 ** 27}, "config.queue.size_per_device=134217728"),
+    # a device of 1 MiB (patched below) cannot hold 65,536 queue rows (4.3 MiB); the
+    # probe's 134M rows per device the same way, without risking the allocation if broken
+    ({"queue.size_per_device": 2 ** 16}, "config.queue.size_per_device=65536: 4.3 MiB"),
 ])
-def test_device_checks_run_before_anything_is_written(tmp_path, overrides, expected):
+def test_device_checks_run_before_anything_is_written(tmp_path, overrides, expected,
+                                                      monkeypatch):
+    monkeypatch.setattr(train, "device_memory_bytes", lambda: 2 ** 20)
     run = tmp_path / "run"
     with pytest.raises(config_check.ConfigError) as info:
         _run(run, {"total_steps": 2, **overrides})
@@ -453,9 +457,7 @@ def test_probe_commands_resume_or_stop_with_one_line(tmp_path):
     fresh = tmp_path / "fresh"
     for flag, text in (("--config.queue.chunk_size=3", "config.queue.chunk_size=3"),
                        ("--config.mesh.model=2", "config.mesh.model=2"),
-                       ("--config.restore_step=7", "config.restore_step=7"),
-                       ("--config.queue.size_per_device=134217728",
-                        "config.queue.size_per_device=134217728")):
+                       ("--config.restore_step=7", "config.restore_step=7")):
         refused = _main(fresh, flag)
         assert refused.returncode == 2, (flag, refused.stderr[-2000:])
         assert text in refused.stderr and "Traceback" not in refused.stderr, flag
