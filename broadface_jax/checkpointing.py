@@ -531,8 +531,9 @@ def stored_leaves(path: str | os.PathLike, step: Optional[int] = None,
     """Dotted leaf name -> (shape, dtype name) of a checkpoint, from its metadata only.
 
     Raises:
-      UnreadableCheckpointError: the metadata is missing or unreadable, or
-        (``require_state``) it lacks an entry every train state has.
+      UnreadableCheckpointError: the metadata is missing or unreadable.
+      LayoutMismatchError: (``require_state``) it lacks an entry every train
+        state has.
     """
     folder, step = resolve(path, step)
     where = os.fspath(epath.Path(folder) / str(step))
@@ -544,10 +545,10 @@ def stored_leaves(path: str | os.PathLike, step: Optional[int] = None,
     if require_state:
         tops = {name.split(".")[0] for name in leaves}
         missing = [k for k in _STATE_KEYS if k not in tops]
-        if missing:
-            raise UnreadableCheckpointError(
-                f"checkpoint {where}: its metadata lists no {', '.join(missing)} entries "
-                "(incomplete metadata, or not a broadface_jax train state)")
+        if missing:  # readable, but not a train state (e.g. broadface_jax.convert's import)
+            raise LayoutMismatchError(
+                f"checkpoint {where} is not a broadface_jax train state (its metadata lists "
+                f"no {', '.join(missing)} entries; an import written by broadface_jax.convert?)")
     return leaves
 
 

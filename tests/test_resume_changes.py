@@ -276,6 +276,26 @@ def test_missing_metadata_file_falls_back_to_the_older_checkpoint(three_steps, t
     assert checkpointing.all_steps(run) == [1, 2, 3, 4]
 
 
+def test_an_import_is_not_resumed_nor_set_aside(tmp_path):
+    """A workdir holding only weights (broadface_jax.convert's checkpoint 0) is not a run."""
+    from tests.test_train import tiny_model
+
+    config = _config()
+    state, _ = train_step.create_train_state(config, sharding.make_mesh(config.mesh),
+                                             jax.random.PRNGKey(0), tiny_model())
+    manager = checkpointing.create_manager(tmp_path / "import", max_to_keep=None)
+    checkpointing.save(manager, 0, {"params": state.params, "batch_stats": state.batch_stats},
+                       force=True)
+    checkpointing.wait(manager)
+    manager.close()
+    run = tmp_path / "import"
+    before = _tree_files(run / "checkpoints")
+    with pytest.raises(workdir.ResumeConfigError, match="not a broadface_jax train state"):
+        _run(run, {"total_steps": 2})
+    assert _tree_files(run / "checkpoints") == before
+    assert not (run / checkpointing.SET_ASIDE_SUBDIR).exists()
+
+
 def test_no_readable_checkpoint_stops_unless_start_over(three_steps, tmp_path):
     run = _copy(three_steps, tmp_path)
     for step in (1, 2, 3):
@@ -423,7 +443,8 @@ def _main(workdir_: pathlib.Path, *flags: str):
     return subprocess.run(
         [sys.executable, "-m", "broadface_jax.main", "--config", "configs/demo.py:smoke",
          f"--workdir={workdir_}", "--config.checkpoint_every_steps=1",
-         "--config.log_every_steps=1", "--config.eval.targets=()", *flags],
+         "--config.log_every_steps=1", "--config.keep_checkpoints=0", "--config.eval.targets=()",
+         *flags],
         cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True,
         text=True, timeout=600)
 
