@@ -72,6 +72,12 @@ def three_steps(tmp_path_factory) -> pathlib.Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def saved3(three_steps) -> dict[str, np.ndarray]:
+    """The leaves of that run's checkpoint 3."""
+    return _saved(three_steps, 3)
+
+
 def _copy(run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
     import shutil
 
@@ -90,9 +96,9 @@ def _copy(run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
     # momentum off: the encoder's momentum buffers (5 leaves of the tiny encoder) are dropped
     ({"optimizer.encoder.momentum": 0.0}, 5, 0),
 ])
-def test_optimizer_hyperparameter_change_carries_the_saved_state(three_steps, overrides,
+def test_optimizer_hyperparameter_change_carries_the_saved_state(three_steps, saved3, overrides,
                                                                    dropped, initialised):
-    saved = _saved(three_steps, 3)
+    saved = saved3
     state, note = _restore_into(three_steps, overrides, 3)
     got = _leaves(state)
     matched = 0
@@ -110,6 +116,7 @@ def test_optimizer_hyperparameter_change_carries_the_saved_state(three_steps, ov
         assert note is None or "dropped" not in note
 
 
+@pytest.mark.slow  # a run of its own (momentum off), ~20-40 s on 2 shared cores
 def test_momentum_switched_on_starts_its_buffers_at_zero(tmp_path):
     run = tmp_path / "run"
     _run(run, {"total_steps": 1, "optimizer.encoder.momentum": 0.0})
@@ -164,13 +171,13 @@ def test_failed_resume_does_not_write_config_json(three_steps, tmp_path):
     assert json.loads((run / workdir.CONFIG_FILE).read_text())["model.embedding_dim"] == 8
 
 
-def test_allowed_queue_size_change_relays_the_queue_out(three_steps, tmp_path):
+def test_allowed_queue_size_change_relays_the_queue_out(three_steps, saved3, tmp_path):
     """Item 4: the refusal suggests allow_resume_changes=queue.size_per_device; that works."""
     run = _copy(three_steps, tmp_path)
     with pytest.raises(workdir.ResumeConfigError,
                        match="allow_resume_changes=queue.size_per_device"):
         _run(run, {"total_steps": 4, "queue.size_per_device": 8})
-    saved = _saved(three_steps, 3)
+    saved = saved3
     allowed = {"queue.size_per_device": 8, "allow_resume_changes": "queue.size_per_device"}
     config = _config(allowed)
     from tests.test_train import tiny_model
