@@ -25,6 +25,17 @@ folder without checkpoints, a step that is absent, a checkpoint that cannot
 be read (corrupt or incomplete: :class:`UnreadableCheckpointError`, which a
 resume skips for an older one), or a leaf whose shape differs from the model.
 
+Checksums: each save writes ``<step>/broadface_checksums.json`` (size and
+CRC-32 of every file of the checkpoint) from orbax's
+``post_finalization_callback``, i.e. on the primary process, once every
+process has written its files and before orbax renames the temporary folder
+to ``<step>``: a step counts as finished (``all_steps``) only with its
+manifest. :func:`verify` checks a step against it before a restore reads it;
+a flipped bit, a file overwritten with garbage, truncated or deleted raises
+:class:`CorruptCheckpointError` (unreadable: a resume sets it aside) naming
+the file. Checkpoints written before manifests existed restore unverified,
+with a warning.
+
 Writing: a save that fails (disk full, permissions, a lost bucket) is raised
 as :class:`CheckpointWriteError`, one line naming the step, the folder and
 the cause ("no space left on device"), at the first save or check after it
@@ -36,11 +47,13 @@ checkpoints folder into ``<workdir>/checkpoints_set_aside/``.
 from __future__ import annotations
 
 import errno
+import json
 import logging as py_logging
 import math
 import os
 import time
 import weakref
+import zlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -60,6 +73,18 @@ class CheckpointError(ValueError):
 
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint's files are corrupt or incomplete (not a model mismatch)."""
+
+
+class LayoutMismatchError(CheckpointError):
+    """A readable checkpoint whose leaves differ from the state the config builds.
+
+    Not :class:`UnreadableCheckpointError`: the files are fine, the config
+    changed. A resume stops on it and never sets the checkpoint aside.
+    """
+
+
+class CorruptCheckpointError(UnreadableCheckpointError):
+    """A checkpoint's files do not match the checksum manifest written with it."""
 
 
 class CheckpointWriteError(OSError):
@@ -217,10 +242,129 @@ def set_aside(workdir: str | os.PathLike, step: int, reason: str) -> str:
     aside = epath.Path(absolute(workdir)) / SET_ASIDE_SUBDIR
     aside.mkdir(parents=True, exist_ok=True)
     dest = aside / f"{step}.{reason}"
-    if dest.exists():
-        dest = aside / f"{step}.{reason}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    n = 0
+    while dest.exists():  # never replace what an earlier move put there
+        n += 1
+        dest = aside / f"{step}.{reason}.{stamp}" if n == 1 else (
+            aside / f"{step}.{reason}.{stamp}.{n}")
     source.rename(dest)
     return os.fspath(dest)
+
+
+# ------------------------------------------------------------------ checksums
+
+MANIFEST_FILE = "broadface_checksums.json"
+_CHUNK = 8 << 20
+
+
+def _crc32(path: epath.Path) -> tuple[int, int]:
+    """(size, CRC-32) of one file, read in 8 MiB chunks."""
+    crc, size = 0, 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+#: Files a manifest does not list: itself, and orbax's step metadata, which orbax
+#: rewrites when it commits the step (after the manifest is written).
+_UNLISTED = (MANIFEST_FILE, "_CHECKPOINT_METADATA")
+
+
+def _files(step_dir: epath.Path) -> list[str]:
+    """Relative paths of the files under a step folder that a manifest lists, sorted."""
+    out, todo = [], [step_dir]
+    while todo:  # epath's rglob refuses '**' (object stores): walk folder by folder
+        for path in todo.pop().iterdir():
+            if path.is_dir():
+                todo.append(path)
+            else:
+                rel = os.fspath(path.relative_to(step_dir))
+                if rel not in _UNLISTED:
+                    out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str | os.PathLike) -> str:
+    """Writes ``<step_dir>/broadface_checksums.json``: size and CRC-32 of every file.
+
+    Returns the manifest's path. Called from the save's finalisation (see the
+    module doc); usable on a finished step folder too.
+    """
+    step_dir = epath.Path(step_dir)
+    entries = {}
+    for rel in _files(step_dir):
+        size, crc = _crc32(step_dir / rel)
+        entries[rel] = {"size": size, "crc32": f"{crc:08x}"}
+    path = step_dir / MANIFEST_FILE
+    tmp = step_dir / f"{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"algorithm": "crc32", "files": entries}, indent=0,
+                              sort_keys=True))
+    tmp.replace(path)
+    return os.fspath(path)
+
+
+def verify(step_dir: str | os.PathLike) -> bool:
+    """Checks a step folder against its manifest.
+
+    Returns:
+      True when verified, False when the step has no manifest (written before
+      manifests existed: restored unverified).
+
+    Raises:
+      CorruptCheckpointError: naming the first file that is missing, of
+        another size or another checksum, or an unreadable manifest.
+    """
+    step_dir = epath.Path(step_dir)
+    path = step_dir / MANIFEST_FILE
+    if not path.exists():
+        return False
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {step_dir} is corrupt: checksum manifest {path} cannot be read ({e})") from e
+    for rel, want in sorted(entries.items()):
+        file = step_dir / rel
+        if not file.exists():
+            raise CorruptCheckpointError(
+                f"checkpoint {step_dir} is corrupt: file {file} is missing (listed in {MANIFEST_FILE})")
+        try:
+            size, crc = _crc32(file)
+        except OSError as e:
+            raise CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: file {file} cannot be "
+                                         f"read ({e})") from e
+        if size != want["size"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {step_dir} is corrupt: file {file} has {size} bytes, {want['size']} were "
+                "written (truncated or overwritten)")
+        if f"{crc:08x}" != want["crc32"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {step_dir} is corrupt: file {file} does not match its checksum (CRC-32 "
+                f"{crc:08x}, written {want['crc32']}): its data changed on disk")
+    return True
+
+
+class _ManifestWriter:
+    """orbax's ``post_finalization_callback``: the manifest of the save in flight.
+
+    Runs on the primary process after every process has written its files and
+    before orbax renames ``<step>.orbax-checkpoint-tmp`` to ``<step>``; writes
+    the manifest into whichever of the two folders holds the step.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = epath.Path(folder)
+        self.step: Optional[int] = None
+
+    def __call__(self) -> None:
+        if self.step is None:
+            return
+        candidates = sorted(self.folder.glob(f"{self.step}.orbax-checkpoint-tmp*"))
+        step_dir = candidates[-1] if candidates else self.folder / str(self.step)
+        write_manifest(step_dir)
 
 
 # ------------------------------------------------------------------ managers
@@ -236,14 +380,20 @@ def create_manager(workdir: str | os.PathLike, *, max_to_keep: Optional[int],
       save_interval_steps: ``save`` without ``force`` only writes at multiples
         of this.
     """
+    folder = checkpoint_dir(workdir)
+    writer = _ManifestWriter(folder)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep or None,
         save_interval_steps=max(1, int(save_interval_steps)),
         # Left-over *.orbax-checkpoint-tmp-* folders of a killed or failed save
         # (the caller holds the workdir lock: no other writer can own them).
         cleanup_tmp_directories=True,
-        create=True)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        create=True,
+        # The checksum manifest, written before the step counts as finished.
+        async_options=ocp.AsyncOptions(post_finalization_callback=writer))
+    manager = ocp.CheckpointManager(folder, options=options)
+    _MANIFESTS[manager] = writer
+    return manager
 
 
 def _reader(folder: str) -> ocp.CheckpointManager:
@@ -338,9 +488,12 @@ def _path_str(path: Sequence[Any]) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
-def _stored_shapes(reader: ocp.CheckpointManager, step: int,
-                   where: str) -> dict[str, tuple[int, ...]]:
-    """Dotted leaf name -> stored shape, from the checkpoint's metadata."""
+#: Top-level entries every broadface_jax train state checkpoint has.
+_STATE_KEYS = ("step", "params", "opt_state", "queue")
+
+
+def _metadata_tree(reader: ocp.CheckpointManager, step: int, where: str) -> Any:
+    """The checkpoint's metadata tree; UnreadableCheckpointError if absent or unreadable."""
     try:
         metadata = reader.item_metadata(step)
     except Exception as e:  # orbax raises several types for unreadable metadata
@@ -348,13 +501,199 @@ def _stored_shapes(reader: ocp.CheckpointManager, step: int,
             f"checkpoint {where} cannot be read (corrupt or incomplete?): "
             f"{type(e).__name__}: {e}") from e
     tree = getattr(metadata, "tree", metadata)
-    if tree is None:
+    if not tree:
+        # e.g. default/_METADATA deleted: orbax returns None
         raise UnreadableCheckpointError(
-            f"checkpoint {where} has no readable metadata (corrupt or "
-            "incomplete?)")
+            f"checkpoint {where} has no readable metadata (default/_METADATA missing "
+            "or corrupt?)")
+    return tree
+
+
+def _is_meta(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _stored_shapes(reader: ocp.CheckpointManager, step: int,
+                   where: str) -> dict[str, tuple[int, ...]]:
+    """Dotted leaf name -> stored shape, from the checkpoint's metadata."""
+    return {k: v[0] for k, v in _stored_leaves(reader, step, where).items()}
+
+
+def _stored_leaves(reader: ocp.CheckpointManager, step: int,
+                   where: str) -> dict[str, tuple[tuple[int, ...], str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {_path_str(p): tuple(m.shape) for p, m in flat if hasattr(m, "shape")}
+        _metadata_tree(reader, step, where), is_leaf=_is_meta)
+    return {_path_str(p): (tuple(m.shape), str(m.dtype)) for p, m in flat if _is_meta(m)}
+
+
+def stored_leaves(path: str | os.PathLike, step: Optional[int] = None,
+                  require_state: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Dotted leaf name -> (shape, dtype name) of a checkpoint, from its metadata only.
+
+    Raises:
+      UnreadableCheckpointError: the metadata is missing or unreadable.
+      LayoutMismatchError: (``require_state``) it lacks an entry every train
+        state has.
+    """
+    folder, step = resolve(path, step)
+    where = os.fspath(epath.Path(folder) / str(step))
+    reader = _reader(folder)
+    try:
+        leaves = _stored_leaves(reader, step, where)
+    finally:
+        reader.close()
+    if require_state:
+        tops = {name.split(".")[0] for name in leaves}
+        missing = [k for k in _STATE_KEYS if k not in tops]
+        if missing:  # readable, but not a train state (e.g. broadface_jax.convert's import)
+            raise LayoutMismatchError(
+                f"checkpoint {where} is not a broadface_jax train state (its metadata lists "
+                f"no {', '.join(missing)} entries; an import written by broadface_jax.convert?)")
+    return leaves
+
+
+def canonical_name(name: str) -> str:
+    """A leaf's name with the optimizer state's list positions dropped.
+
+    ``opt_state.inner_states.encoder.inner_state.1.count`` and ``...inner_state.2.count``
+    are the same leaf: a transform without state (gradient clipping, weight decay)
+    added to or removed from an optax chain shifts the positions, not the leaves.
+    """
+    parts = name.split(".")
+    if parts[0] != "opt_state":
+        return name
+    return ".".join(p for p in parts if not p.isdigit())
+
+
+def storable_leaves(target: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Dotted leaf name -> (shape, dtype name) of what saving ``target`` writes."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        if _is_empty(leaf):
+            continue
+        if _is_key(leaf):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        out[_path_str(path)] = (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
+    return out
+
+
+def compare_layout(stored: dict[str, tuple[tuple[int, ...], str]],
+                   wanted: dict[str, tuple[tuple[int, ...], str]]
+                   ) -> tuple[list[str], list[str], list[str], bool]:
+    """How a checkpoint's leaves differ from those of the state a config builds.
+
+    Leaves are matched by :func:`canonical_name`.
+
+    Returns:
+      ``(differing, only_saved, only_new, moved)``: names of leaves in both with
+      another shape or dtype (``'name: saved (4,) float32, config builds (8,)
+      float32'``), leaves only in the checkpoint, leaves only in the new state,
+      and whether some matched leaf has another position (list index) in the tree.
+    """
+    def by_canonical(leaves):
+        out = {}
+        for name, v in leaves.items():
+            out.setdefault(canonical_name(name), []).append((name, v))
+        return out
+
+    saved, new = by_canonical(stored), by_canonical(wanted)
+    differing, moved = [], False
+    for name in sorted(set(saved) & set(new)):
+        if len(saved[name]) > 1 or len(new[name]) > 1:  # ambiguous: compare by position
+            a, b = dict(saved[name]), dict(new[name])
+            if a != b:
+                differing.append(f"{name}: saved {sorted(a.items())}, config builds "
+                                 f"{sorted(b.items())}")
+            continue
+        (s_name, s), (n_name, n) = saved[name][0], new[name][0]
+        moved |= s_name != n_name
+        if s != n:
+            differing.append(f"{n_name}: saved {s[0]} {s[1]}, config builds {n[0]} {n[1]}")
+    only_saved = [saved[k][0][0] for k in sorted(set(saved) - set(new))]
+    only_new = [new[k][0][0] for k in sorted(set(new) - set(saved))]
+    return differing, only_saved, only_new, moved
+
+
+def restore_mapped(path: str | os.PathLike, target: PyTree, fresh: PyTree,
+                   step: Optional[int] = None) -> tuple[PyTree, list[str], list[str]]:
+    """Restores a checkpoint into another tree structure, leaf by leaf.
+
+    The checkpoint is read in its own structure (from its metadata); each leaf
+    of ``target`` takes the saved leaf of the same :func:`canonical_name` and
+    shape, or else ``fresh``'s value. Used when only the optimizer's transforms
+    changed (momentum on or off, clipping, weight decay): the saved leaves are
+    carried over, and what the new optimizer has in addition starts fresh.
+
+    Args:
+      target: abstract target (shardings say where each leaf goes).
+      fresh: a concrete state of the same structure (values for new leaves).
+
+    Returns:
+      ``(state, dropped, initialised)``: the restored state and the names of
+      the saved leaves not used and of the new leaves taken from ``fresh``.
+    """
+    folder, step = resolve(path, step)
+    where = os.fspath(epath.Path(folder) / str(step))
+    _verify_or_warn(where)
+    abstract = jax.tree.map(
+        lambda x: None if _is_empty(x) else _abstract_key_data(x) if _is_key(x)
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target)
+    flat_abs, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    wanted = {canonical_name(_path_str(p)): leaf for p, leaf in flat_abs}
+    mesh = next(leaf.sharding.mesh for _, leaf in flat_abs
+                if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def fits(leaf, meta) -> bool:
+        return (leaf is not None and tuple(leaf.shape) == tuple(meta.shape)
+                and jnp.dtype(leaf.dtype) == jnp.dtype(meta.dtype))
+
+    def item_leaf(path, meta):
+        if not _is_meta(meta):
+            return meta
+        leaf = wanted.get(canonical_name(_path_str(path)))
+        sharding_ = leaf.sharding if fits(leaf, meta) else replicated
+        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding_)
+
+    reader = _reader(folder)
+    try:
+        item = jax.tree_util.tree_map_with_path(
+            item_leaf, _metadata_tree(reader, step, where), is_leaf=_is_meta)
+        try:
+            restored = reader.restore(step, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+        except Exception as e:  # corrupt files surface as many exception types
+            raise UnreadableCheckpointError(
+                f"checkpoint {where} cannot be restored (corrupt or "
+                f"incomplete?): {type(e).__name__}: {e}") from e
+    finally:
+        reader.close()
+    got = {canonical_name(_path_str(p)): v
+           for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    fresh_flat = [v for _, v in jax.tree_util.tree_flatten_with_path(_storable(fresh))[0]]
+    leaves, used, initialised = [], set(), []
+    for (path, leaf), fresh_leaf in zip(flat_abs, fresh_flat):
+        name = canonical_name(_path_str(path))
+        value = got.get(name)
+        if value is not None and fits(leaf, value):
+            leaves.append(value)
+            used.add(name)
+        else:
+            leaves.append(fresh_leaf)
+            initialised.append(_path_str(path))
+    dropped = sorted(n for n in got if n not in used)
+    state = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _from_storable(state, target), dropped, initialised
+
+
+def _verify_or_warn(where: str) -> None:
+    """:func:`verify`, with a warning for a checkpoint that has no manifest."""
+    if not verify(where):
+        from absl import logging  # noqa: PLC0415
+
+        logging.warning("checkpoint %s has no %s (written by an older broadface_jax): "
+                        "restored without checksum verification", where, MANIFEST_FILE)
 
 
 def _check_shapes(stored: dict[str, tuple[int, ...]], target: PyTree,
@@ -463,6 +802,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *,
         failed (the message names the step, the folder and the cause).
     """
     wait(manager)  # a failure of the previous save surfaces here
+    if manager in _MANIFESTS:
+        _MANIFESTS[manager].step = int(step)
     try:
         started = manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
                                force=force)
@@ -473,6 +814,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *,
     return started
 
 
+#: Each writing manager's manifest callback (told the step of each save).
+_MANIFESTS: "weakref.WeakKeyDictionary[ocp.CheckpointManager, _ManifestWriter]" = (
+    weakref.WeakKeyDictionary())
 #: The step of each manager's newest save, for naming it if it fails in the background.
 _LAST_SAVE: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
 
@@ -529,6 +873,7 @@ def _restore(folder: str, step: int, target: PyTree, partial: bool) -> PyTree:
         else jax.ShapeDtypeStruct(x.shape, x.dtype,
                                   sharding=getattr(x, "sharding", None)),
         target)
+    _verify_or_warn(where)
     reader = _reader(folder)
     try:
         _check_shapes(_stored_shapes(reader, step, where), target, where)

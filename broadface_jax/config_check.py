@@ -12,8 +12,9 @@ what is allowed::
 It runs in milliseconds and imports neither TensorFlow nor a model: the
 entry points call it before the workdir, ``metrics.jsonl`` or TensorBoard
 files exist, so a typo costs a second, not a minute of start-up. Checks that
-need the devices (mesh shape, queue shards) stay where the mesh is known
-(``train_step.validate_config``, ``sharding.make_mesh``).
+need the devices (mesh shape, queue shards, memory per device, the kept
+checkpoints of ``restore_step``) run next, still before anything is written
+(``train.check_before_writing``), and raise the same :class:`ConfigError`.
 
 A data set name (``dataset.tfds_name``) must be one of this package's
 builders or a data set already prepared in ``dataset.data_dir``; close
@@ -260,6 +261,7 @@ def problems(config: Any) -> list[str]:
     check("init_classifier", _bool)
     check("restore_step", _int_at_least(0, " (0 = the latest checkpoint)"))
     check("allow_resume_changes", _string)
+    check("start_over", _bool)
 
     for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         check(field, lambda v: None if _is_int(v) else

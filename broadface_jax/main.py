@@ -146,7 +146,7 @@ def run(config, workdir: str, model=None) -> None:
     damaged data file or a NaN loss exit with 1 and one message, without a
     traceback. Anything else propagates.
     """
-    from broadface_jax import checkpointing, input_pipeline, preemption, train
+    from broadface_jax import checkpointing, config_check, input_pipeline, preemption, train
     from broadface_jax import workdir as workdir_lib
 
     check_paths(config, workdir)
@@ -156,6 +156,8 @@ def run(config, workdir: str, model=None) -> None:
         cli.fail(str(e), preemption.EXIT_PREEMPTED)
     except preemption.StoppedBeforeStart as e:
         cli.fail(str(e), e.exit_code)
+    except config_check.ConfigError as e:  # the checks that need the devices (mesh, memory)
+        cli.fail(str(e), cli.EXIT_USAGE)
     except (workdir_lib.WorkdirBusyError, workdir_lib.ResumeConfigError,
             train.NonFiniteError) as e:
         cli.fail(str(e), 1)

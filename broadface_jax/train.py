@@ -35,14 +35,21 @@ over a diverged update cannot slip a bad state onto disk.
 
 What keeps a run safe from its operators (``broadface_jax.workdir``,
 ``preemption``, ``config_check``): the whole config is checked before
-anything is written; process 0 holds ``<workdir>/run.lock`` for the whole
-run, so a second run on the same workdir stops at once; the workdir records
-its config (``config.json``) and a resume with a different model, data,
-queue, batch or seed is refused unless allowed; SIGTERM / SIGINT finish the
-step, checkpoint it and raise :class:`preemption.Preempted`; a failed save
-(disk full) stops the run with one line; a latest checkpoint that cannot be
-read is set aside and the newest readable one is used;
-``config.restore_step`` rolls back to an older kept checkpoint.
+anything is written, including what needs the devices (mesh, queue chunks,
+``restore_step``, the memory per device: :func:`check_before_writing`);
+process 0 holds ``<workdir>/run.lock`` for the whole run, so a second run on
+the same workdir stops at once; a resume compares the config with the
+workdir's ``config.json`` (semantic changes refused unless allowed) and the
+checkpoint's layout with the state the config builds (layout changes
+refused naming the leaves, optimizer changes carried over; see
+``broadface_jax.workdir`` for the classes), and ``config.json`` is written
+only once the state is restored; SIGTERM / SIGINT finish the step,
+checkpoint it and raise :class:`preemption.Preempted`; a failed save (disk
+full) stops the run with one line; a checkpoint that cannot be read or fails
+its checksums is set aside once an older one is restored, and a workdir
+whose checkpoints are all unreadable stops the run unless
+``config.start_over``; ``config.restore_step`` rolls back to an older kept
+checkpoint on each command that asks (:func:`rollback_target`).
 """
 
 from __future__ import annotations
@@ -145,6 +152,112 @@ def _check_paths(config: Any) -> None:
             "checkpoint folder of another run to warm-start from)")
 
 
+def check_before_writing(config: Any, workdir: str, model=None) -> None:
+    """What needs the devices, checked before the workdir, config.json or run.lock exist.
+
+    The mesh shape (``mesh.data`` x ``mesh.model`` against the devices), the
+    sizes the step relies on (``train_step.validate_config``: queue chunks,
+    batch), ``restore_step`` against the kept checkpoints, and the memory the
+    step needs (:func:`check_memory`).
+
+    Raises:
+      config_check.ConfigError: one line per field at fault.
+    """
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        train_step.validate_config(config, mesh)
+    except ValueError as e:
+        text = str(e) if "device" in str(e) else f"{e} (on {jax.device_count()} devices)"
+        raise config_check.ConfigError(text) from None
+    rollback_target(config, workdir)
+    check_memory(config, mesh, model)
+
+
+#: Fraction of a device's memory the train state, its gradients and the loss's
+#: logits may take; the rest is left to activations and XLA's buffers.
+MEMORY_FRACTION = 0.9
+
+
+def device_memory_bytes() -> int:
+    """Memory of one local device: its allocator's limit, or host RAM / local devices (CPU)."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 (backends without memory statistics)
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(1, jax.local_device_count())
+
+
+def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None) -> dict[str, int]:
+    """Bytes per device the step needs at least, by the config field that sets them.
+
+    From shapes only (``jax.eval_shape``, nothing allocated): each leaf of the
+    train state counted with its shard's shape on the mesh, the parameters once
+    more for their gradients, and the queue loss's logits (a chunk of queue
+    rows against this device's classes, forward and backward). Activations of
+    the encoder come on top.
+    """
+    abstract, shardings = train_step.abstract_train_state(config, mesh, model)
+    out: dict[str, int] = {}
+
+    def add(field: str, leaf: Any, sh: Any, times: int = 1) -> None:
+        shape = sh.shard_shape(leaf.shape) if hasattr(sh, "shard_shape") else leaf.shape
+        item = 4 if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(
+            leaf.dtype).itemsize
+        out[field] = out.get(field, 0) + times * math.prod(shape) * item
+
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    flat_sh = jax.tree.leaves(shardings)
+    for (path, leaf), sh in zip(flat, flat_sh):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if name.startswith("queue."):
+            field = "queue.size_per_device"
+        elif "classifier" in name:
+            field = "num_classes"
+        elif name.startswith(("params", "opt_state", "batch_stats")):
+            field = "model"
+        else:
+            field = "other"
+        add(field, leaf, sh, 2 if name.startswith("params.") else 1)
+    rows = int(config.queue.size_per_device)
+    chunk = train_step.queue_chunk(config, mesh) or rows
+    if rows:
+        # n class shards: each device scores n x chunk/n rows against C/n classes
+        n = sharding.classifier_shards(mesh, config.classifier_sharding)
+        local_classes = train_step.padded_num_classes(config, mesh) // n
+        out["queue.chunk_size"] = 3 * n * min(chunk, rows) * local_classes * 4
+    return out
+
+
+def check_memory(config: Any, mesh: jax.sharding.Mesh, model=None) -> None:
+    """Refuses a config whose state and step cannot fit one device's memory, naming the fields."""
+    need = memory_estimate(config, mesh, model)
+    total, limit = sum(need.values()), device_memory_bytes()
+    if total <= MEMORY_FRACTION * limit:
+        return
+    values = {"queue.size_per_device": config.queue.size_per_device,
+              "num_classes": config.num_classes, "model": config.model.name,
+              "queue.chunk_size": config.queue.chunk_size}
+    parts = ", ".join(f"config.{k}={values.get(k, '')!r}: {_size(v)}"
+                      for k, v in sorted(need.items(), key=lambda kv: -kv[1])
+                      if v > 0.01 * total and k != "other")
+    raise config_check.ConfigError(
+        f"the train state and step need at least {_size(total)} per device "
+        f"({parts}), more than {MEMORY_FRACTION:.0%} of the {_size(limit)} one "
+        f"device has: lower the largest of these fields or use more devices")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -237,87 +350,199 @@ def warm_start(state: train_step.TrainState, shardings: train_step.TrainState,
 
 
 ROLLBACK_FILE = "rollback.json"
+#: Environment variables that name one invocation of a run across requeues
+#: (checked in order): a rollback request is keyed by it.
+INVOCATION_VARIABLES = ("BROADFACE_RUN_ID", "SLURM_JOB_ID")
+
+
+def invocation_id() -> Optional[str]:
+    """What names this command across requeues, e.g. ``SLURM_JOB_ID=123`` (None: nothing)."""
+    for name in INVOCATION_VARIABLES:
+        value = os.environ.get(name, "")
+        if value:
+            task = os.environ.get("SLURM_ARRAY_TASK_ID", "") if name == "SLURM_JOB_ID" else ""
+            return f"{name}={value}" + (f"_{task}" if task else "")
+    return None
+
+
+def _rollback_requests(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, ROLLBACK_FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if "requests" in record:
+        return list(record["requests"])
+    return [record]  # the one-entry format of earlier versions
+
+
+def rollback_target(config: Any, workdir: str) -> int:
+    """The step ``config.restore_step`` asks this command to roll back to (0: none).
+
+    A rollback is a request made by a command, not a flag remembered by the
+    workdir: every command that sets ``restore_step=N`` rolls the run back to
+    checkpoint N (the newer ones are set aside), including the same command run
+    again (e.g. after the rolled-back run diverged once more). The one exception
+    is the same *invocation* started again by its scheduler: when the command
+    runs under an id that names it across requeues (``$BROADFACE_RUN_ID``, or
+    SLURM's ``$SLURM_JOB_ID``; :func:`invocation_id`) and ``rollback.json``
+    records that this id already rolled back to N, the requeued job resumes
+    from its own newest checkpoint instead of throwing its progress away.
+    A retry loop of your own should export ``BROADFACE_RUN_ID`` once, outside
+    the loop.
+
+    Raises:
+      config_check.ConfigError: checkpoint N is not kept (checked before
+        anything is written).
+    """
+    want = int(config.get("restore_step", 0) or 0)
+    if not want:
+        return 0
+    invocation = invocation_id()
+    requests = _rollback_requests(workdir)
+    if (invocation is not None and requests and requests[-1].get("restore_step") == want
+            and requests[-1].get("invocation") == invocation):
+        logging.info("config.restore_step=%d: this invocation (%s) already rolled back to "
+                     "step %d (%s); resuming from its newest checkpoint", want, invocation,
+                     want, os.path.join(workdir, ROLLBACK_FILE))
+        return 0
+    steps = checkpointing.all_steps(workdir)
+    if want not in steps:
+        raise config_check.ConfigError(
+            f"config.restore_step={want}: no checkpoint of that step in "
+            f"{checkpointing.checkpoint_dir(workdir)}; kept steps: {steps or 'none'} "
+            "(0 = resume from the latest)")
+    return want
 
 
 def checkpoints_to_try(config: Any, workdir: str) -> list[int]:
     """Checkpoint steps to resume from, best first.
 
-    Normally every kept step, newest first. With ``config.restore_step = N``
-    (a rollback, e.g. after a divergence), only N: the newer checkpoints are
-    set aside (``checkpoints_set_aside/<step>.rolled-back``), so the run
-    continues from N and writes its own. The rollback is recorded in
-    ``rollback.json`` and done once: running the same command again later
-    resumes from the newest checkpoint of the rolled-back run.
+    Normally every kept step, newest first; with a rollback request
+    (:func:`rollback_target`) only that step. Nothing is moved here: the newer
+    checkpoints of a rollback are set aside once its step has been restored.
     """
-    steps = checkpointing.all_steps(workdir)
-    want = int(config.get("restore_step", 0) or 0)
-    record = os.path.join(workdir, ROLLBACK_FILE)
-    if want and os.path.exists(record):
-        with open(record, encoding="utf-8") as f:
-            if json.load(f).get("restore_step") == want:
-                logging.info("config.restore_step=%d: rollback already done (%s); resuming "
-                             "from the newest checkpoint", want, record)
-                want = 0
-    if not want:
-        return steps[::-1]
-    if want not in steps:
-        raise FileNotFoundError(
-            f"config.restore_step={want}: no checkpoint of that step in "
-            f"{checkpointing.checkpoint_dir(workdir)}; kept steps: {steps or 'none'}")
-    newer = [s for s in steps if s > want]
+    want = rollback_target(config, workdir)
+    return [want] if want else checkpointing.all_steps(workdir)[::-1]
+
+
+def _finish_rollback(workdir: str, want: int) -> None:
+    """Sets aside the checkpoints newer than ``want`` and records the request (process 0)."""
+    newer = [s for s in checkpointing.all_steps(workdir) if s > want]
     if jax.process_index() == 0:
         for step in newer:
             logging.warning("rollback to step %d: checkpoint %d set aside to %s", want, step,
                             checkpointing.set_aside(workdir, step, "rolled-back"))
-        with open(record, "w", encoding="utf-8") as f:
-            json.dump({"restore_step": want, "set_aside": newer}, f)
+        requests = _rollback_requests(workdir) + [{
+            "restore_step": want, "invocation": invocation_id(), "set_aside": newer,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        workdir_lib._write_atomic(os.path.join(workdir, ROLLBACK_FILE),
+                                  json.dumps({"requests": requests}, indent=1) + "\n")
     distributed.sync("broadface_jax:rollback")
-    return [want]
 
 
-def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
+class NoReadableCheckpointError(workdir_lib.ResumeConfigError):
+    """Checkpoints exist and none can be read; the run does not start over on its own."""
+
+
+def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None,
+                  saved_config: Optional[Mapping[str, Any]] = None
                   ) -> tuple[train_step.TrainState, train_step.TrainState, str]:
     """The state to start from: resumed, warm-started, or fresh.
 
-    A resume tries the kept checkpoints newest first (:func:`checkpoints_to_try`);
-    one whose files cannot be read (a save cut short by a crash or a full
-    disk) is set aside (``checkpoints_set_aside/<step>.unreadable``) with a
-    warning, and the next older one is used. A checkpoint that reads but does
-    not fit the model is an error.
+    A resume tries the kept checkpoints newest first (:func:`checkpoints_to_try`).
+    Each is first compared with the state this config builds, from its
+    metadata (``elastic.restore``): a config that builds another layout stops
+    the run (``workdir.ResumeConfigError`` naming the leaves and the changed
+    fields); nothing is moved. One whose files cannot be read or fail their
+    checksums (a save cut short, a flipped bit, a missing metadata file) is
+    skipped for the next older one, and set aside
+    (``checkpoints_set_aside/<step>.unreadable``) once an older one has been
+    restored. When none is readable the run stops
+    (:class:`NoReadableCheckpointError`) and moves nothing, unless
+    ``config.start_over`` is True: then they are set aside and the run starts
+    over (from ``init_from`` or the seed).
+
+    Args:
+      saved_config: the workdir's config.json record (its
+        ``queue.size_per_device`` lays the saved queue out; its fields name
+        what changed when the layout differs).
 
     Returns:
       ``(state, state_shardings, origin)`` with ``origin`` a short description
       for the log.
     """
     rng = jax.random.PRNGKey(int(config.seed))
-    state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
-    steps = checkpoints_to_try(config, workdir)
+    want = rollback_target(config, workdir)
+    steps = [want] if want else checkpointing.all_steps(workdir)[::-1]
     if steps:
-        target = checkpointing.abstract_like(state, shardings)
-        del state  # free the fresh state before reading the checkpoint
+        abstract, shardings = train_step.abstract_train_state(config, mesh, model)
+        target = checkpointing.abstract_like(abstract, shardings)
+        saved_per_device = (saved_config or {}).get("queue.size_per_device")
+        unreadable = []
         for step in steps:
             try:
-                # Another device count changes the queue's rows: elastic re-lays it out.
-                state, relayout = elastic.restore(workdir, target, step)
+                state, note = elastic.restore(
+                    workdir, target, step, saved_queue_per_device=saved_per_device,
+                    fresh=lambda: train_step.create_train_state(config, mesh, rng, model)[0])
+            except checkpointing.LayoutMismatchError as e:
+                raise workdir_lib.ResumeConfigError(
+                    _layout_message(e, config, workdir, saved_config)) from None
             except checkpointing.UnreadableCheckpointError as e:
                 logging.warning("skipping checkpoint %d: %s", step, e)
-                if jax.process_index() == 0:
-                    logging.warning("checkpoint %d set aside to %s", step,
-                                    checkpointing.set_aside(workdir, step, "unreadable"))
-                distributed.sync(f"broadface_jax:unreadable-{step}")
+                unreadable.append(step)
                 continue
+            _set_aside(workdir, unreadable)
+            if want:
+                _finish_rollback(workdir, step)
             return state, shardings, (
                 f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
-                + (f" ({relayout})" if relayout else ""))
-        logging.warning("no readable checkpoint in %s: starting over",
+                + (f" ({note})" if note else ""))
+        if not bool(config.get("start_over", False)):
+            raise NoReadableCheckpointError(
+                f"no checkpoint in {checkpointing.checkpoint_dir(workdir)} can be read "
+                f"(steps {sorted(unreadable)}; the log says why for each) and nothing was "
+                "moved: fix or move them, or start over with --config.start_over=True "
+                f"(they are then moved to {checkpointing.SET_ASIDE_SUBDIR}/)")
+        logging.warning("no readable checkpoint in %s: starting over (config.start_over=True)",
                         checkpointing.checkpoint_dir(workdir))
-        state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
+        _set_aside(workdir, unreadable)
+    state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
     if config.init_from:
         state = warm_start(state, shardings, str(config.init_from),
                            bool(config.init_classifier), config=config)
         what = "encoder + classifier" if config.init_classifier else "encoder"
         return state, shardings, f"warm start ({what}) from {config.init_from}"
     return state, shardings, f"from scratch (seed {config.seed})"
+
+
+def _set_aside(workdir: str, steps: list[int]) -> None:
+    """Moves unreadable checkpoints to checkpoints_set_aside/ (process 0), all processes wait."""
+    for step in steps:
+        if jax.process_index() == 0:
+            logging.warning("checkpoint %d set aside to %s", step,
+                            checkpointing.set_aside(workdir, step, "unreadable"))
+        distributed.sync(f"broadface_jax:unreadable-{step}")
+
+
+def _layout_message(error: Exception, config: Any, workdir: str,
+                    saved_config: Optional[Mapping[str, Any]]) -> str:
+    changed = ""
+    if saved_config is not None:
+        current = workdir_lib.flatten(config)
+        _, lines = workdir_lib.compare_configs(
+            {k: v for k, v in saved_config.items() if k != workdir_lib.FORMAT_KEY},
+            current, "*")
+        fields = [line for line in lines if not line.startswith(("total_steps", "restore_step"))]
+        if fields:
+            changed = f"; config fields changed since {workdir_lib.CONFIG_FILE}: " + "; ".join(
+                fields[:8]) + (f"; and {len(fields) - 8} more" if len(fields) > 8 else "")
+    return (f"cannot resume {workdir}: {error}{changed}. The config builds another train "
+            "state than the run saved: use the run's values or another --workdir (to start "
+            f"from this run's weights: --config.init_from={workdir}); no checkpoint was moved")
 
 
 # ------------------------------------------------------------------ writers
@@ -508,6 +733,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
     schedule = Schedule.from_config(config)
     _check_paths(config)
     config = input_pipeline.resolve_num_classes(config)  # 0: from the data set's metadata
+    check_before_writing(config, workdir, model)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.exclusive(workdir):
         return _train(config, workdir, schedule, model)
@@ -517,10 +743,12 @@ def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, fl
     """``train_and_evaluate`` once the config is checked and the workdir is ours."""
     checkpointing.quiet_orbax_logging()  # before any save can fail in the background
     is_main = jax.process_index() == 0
-    workdir_lib.record_or_compare_config(
-        workdir, config, resuming=bool(checkpointing.all_steps(workdir)), write=is_main)
+    resuming = bool(checkpointing.all_steps(workdir))
+    saved_config = workdir_lib.compare_config(workdir, config) if resuming else None
     mesh = sharding.make_mesh(config.mesh)
-    state, shardings, origin = initial_state(config, mesh, workdir, model)
+    state, shardings, origin = initial_state(config, mesh, workdir, model, saved_config)
+    if is_main:  # only now: a refused or failed resume leaves config.json as it was
+        workdir_lib.record_config(workdir, config)
     start, total = int(jax.device_get(state.step)), schedule.total_steps
     if is_main:
         workdir_lib.truncate_metrics(workdir, start)

@@ -6,11 +6,34 @@
   naming the holder. The OS releases the lock when the holder exits, however
   it exits (SIGKILL included), so there are no stale locks to clean up. Object
   stores (``gs://``) have no locks: the check is skipped there, with a warning.
-* ``config.json``: the config of the run's first start. A resume compares the
-  current config with it (:func:`compare_configs`): a change to a field that
-  gives the saved state its meaning (model, classes, queue, batch, seed, data,
-  loss, optimizer type) is refused unless ``config.allow_resume_changes`` names
-  it; other changes (schedule, logging, evaluation) are logged.
+* ``config.json``: the config the run's state was last started or resumed
+  with. A resume compares the current config with it (:func:`compare_config`)
+  before anything is read or written; config changes fall in four classes,
+  by what they do to the saved state:
+
+  1. *layout* changes (another model, width, embedding size, class count,
+     image size for a model whose head depends on it, ...): the state the new
+     config builds has other leaves, shapes or dtypes than the checkpoint.
+     Derived, not listed: ``elastic.restore`` compares the abstract state with
+     the checkpoint's metadata before reading it and refuses with one line
+     naming the leaves (``checkpointing.LayoutMismatchError``); the checkpoint
+     is never set aside for it. The queue's row count is the exception: a
+     change of device count or (allowed) of ``queue.size_per_device`` re-lays
+     the queue out;
+  2. *optimizer-state* changes (``optimizer.*.momentum``, ``weight_decay``,
+     ``grad_clip_norm``, and the lr fields): the saved state survives; a
+     transform that gains or loses state (momentum switched on or off) has
+     its leaves initialised or dropped, by name. Accepted and logged;
+  3. *semantic* changes (:data:`SEMANTIC_FIELDS`: seed, data, loss, batch,
+     queue, optimizer type, model): the shapes may stay the same but the
+     state would mean something else. Refused unless
+     ``config.allow_resume_changes`` names them;
+  4. everything else (schedule, logging, evaluation, paths, mesh): logged.
+
+  ``config.json`` is written only once the state has been restored or
+  initialised (a refused or failed resume leaves it as it was); a resume
+  with changes replaces it and appends the previous record to
+  ``config.replaced.jsonl``.
 * ``metrics.jsonl``: one record per logged step. On resume from step N the
   records after N (logged by the interrupted run after its last checkpoint,
   or by a run rolled back to N) are moved to ``metrics.replaced.jsonl``, so the
@@ -26,12 +49,13 @@ import errno
 import json
 import os
 import socket
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 from absl import logging
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
+REPLACED_CONFIG_FILE = "config.replaced.jsonl"
 METRICS_FILE = "metrics.jsonl"
 REPLACED_METRICS_FILE = "metrics.replaced.jsonl"
 #: Evaluation outputs of a run (ROC curves, ``results_<step>.json``), beside its checkpoints.
@@ -46,11 +70,14 @@ EVAL_SUBDIR = "eval"
 STATE_FORMAT = 2
 FORMAT_KEY = "broadface_jax.state_format"
 
-#: Dotted prefixes whose change alters what the saved state means.
-STATE_FIELDS = ("seed", "model", "num_classes", "queue.size_per_device", "queue.compensate",
-                "per_device_batch_size", "image_size", "dataset.name", "dataset.tfds_name",
-                "dataset.split", "dataset.synthetic", "dataset.random_flip", "loss",
-                "optimizer.encoder.name", "optimizer.classifier.name", "classifier_sharding")
+#: Dotted prefixes whose change alters what the saved state means, whether or
+#: not it alters its layout (class 3 of the module doc; layout changes are
+#: derived from the state itself). Optimizer hyperparameters are not here: the
+#: saved optimizer state survives them (class 2).
+SEMANTIC_FIELDS = ("seed", "model", "num_classes", "queue.size_per_device", "queue.compensate",
+                   "per_device_batch_size", "image_size", "dataset.name", "dataset.tfds_name",
+                   "dataset.split", "dataset.synthetic", "dataset.random_flip", "loss",
+                   "optimizer.encoder.name", "optimizer.classifier.name")
 
 
 class WorkdirBusyError(RuntimeError):
@@ -159,7 +186,7 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
                     allowed: str = "") -> tuple[list[str], list[str]]:
     """``(refused, accepted)`` differences, each ``'field: saved -> current'``.
 
-    A difference is refused when the field is in :data:`STATE_FIELDS` and not in
+    A difference is refused when the field is in :data:`SEMANTIC_FIELDS` and not in
     ``allowed`` (comma-separated dotted names or prefixes; ``*`` allows all).
     """
     allow = [a.strip() for a in allowed.split(",") if a.strip()]
@@ -171,7 +198,7 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
         if old == new:
             continue
         line = f"{field}: {old!r} -> {new!r}"
-        if _matches(field, STATE_FIELDS) and "*" not in allow and not _matches(field, allow):
+        if _matches(field, SEMANTIC_FIELDS) and "*" not in allow and not _matches(field, allow):
             refused.append(line)
         else:
             accepted.append(line)
@@ -187,38 +214,50 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record_or_compare_config(workdir: str, config: Any, resuming: bool,
-                             write: bool = True) -> None:
-    """Writes ``config.json`` at a run's first start; on resume checks the config against it.
+def _current_record(config: Any) -> dict[str, Any]:
+    return {**flatten(config), FORMAT_KEY: STATE_FORMAT}
 
-    Every process compares (so all of them stop on a refused change); only
-    ``write=True`` (process 0) writes.
+
+def read_config(workdir: str) -> Optional[dict[str, Any]]:
+    """The workdir's ``config.json`` (None if absent).
+
+    Raises:
+      ResumeConfigError: it exists but cannot be read.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    exists = os.path.exists(path) if _is_local(workdir) else _epath(path).exists()
+    if not exists:
+        return None
+    try:
+        raw = (open(path, encoding="utf-8").read() if _is_local(workdir)
+               else _epath(path).read_text())
+        return json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise ResumeConfigError(f"{path} cannot be read ({e}); it records the run's "
+                                "config: restore it or remove it to record the current one")
+
+
+def compare_config(workdir: str, config: Any) -> Optional[dict[str, Any]]:
+    """On resume: checks the config against ``config.json``; writes nothing.
+
+    Every process compares (so all of them stop on a refused change).
+
+    Returns:
+      the saved config record (None when the workdir has no ``config.json``:
+      then only the checkpoint's layout is checked).
 
     Raises:
       ResumeConfigError: listing every refused difference and how to allow it.
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    current = {**flatten(config), FORMAT_KEY: STATE_FORMAT}
-    exists = os.path.exists(path) if _is_local(workdir) else _epath(path).exists()
-    if not exists or not resuming:
-        if not write:
-            return
-        if resuming:
-            logging.warning("%s not found (a run from before config records): "
-                            "recording the current config", path)
-        text = json.dumps(current, indent=1, sort_keys=True) + "\n"
-        if _is_local(workdir):
-            _write_atomic(path, text)
-        else:
-            _epath(path).write_text(text)
-        return
-    try:
-        raw = (open(path, encoding="utf-8").read() if _is_local(workdir)
-               else _epath(path).read_text())
-        saved = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise ResumeConfigError(f"{path} cannot be read ({e}); it records the run's "
-                                "config: restore it or remove it to record the current one")
+    saved = read_config(workdir)
+    if saved is None:
+        logging.warning("%s not found: resuming without the semantic config check (the "
+                        "checkpoint's layout is still checked); the config is recorded once "
+                        "the state is restored", path)
+        return None
+    saved = dict(saved)
+    current = _current_record(config)
     saved_format = saved.pop(FORMAT_KEY, 1)
     current.pop(FORMAT_KEY)
     if saved_format != STATE_FORMAT:
@@ -239,6 +278,36 @@ def record_or_compare_config(workdir: str, config: Any, resuming: bool,
               f"--config.allow_resume_changes={fields}")
     for line in accepted:
         logging.info("resume: config field changed since %s: %s", CONFIG_FILE, line)
+    return saved
+
+
+def record_config(workdir: str, config: Any) -> None:
+    """Writes ``config.json`` (process 0, once the state is restored or initialised).
+
+    A different record already there is appended to ``config.replaced.jsonl``
+    first (with the time it was replaced), so no record is lost.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    current = _current_record(config)
+    try:
+        saved = read_config(workdir)
+    except ResumeConfigError:
+        saved = None
+        if _is_local(workdir):  # unreadable: keep its bytes beside it
+            os.replace(path, f"{path}.unreadable.{int(datetime.datetime.now().timestamp())}")
+    if saved == current:
+        return
+    if saved is not None and _is_local(workdir):
+        replaced = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        with open(os.path.join(workdir, REPLACED_CONFIG_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"replaced": replaced, "config": saved}, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    text = json.dumps(current, indent=1, sort_keys=True) + "\n"
+    if _is_local(workdir):
+        _write_atomic(path, text)
+    else:
+        _epath(path).write_text(text)
 
 
 def _epath(path: str):

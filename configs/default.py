@@ -106,9 +106,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_classifier = True  # also load the classifier rows from init_from
 
     # ---- resuming a run in the same workdir
-    c.restore_step = 0  # 0 = the latest checkpoint; N = roll back to kept checkpoint N
-    # Fields that may differ from the workdir's config.json on resume (comma-separated
-    # dotted names or prefixes, e.g. "per_device_batch_size,queue"; "*" = any).
+    # 0 = the latest checkpoint; N = roll back to kept checkpoint N: every command that asks
+    # rolls back (the newer checkpoints are set aside), except the same invocation requeued
+    # ($BROADFACE_RUN_ID or $SLURM_JOB_ID unchanged), which resumes its own progress
+    c.restore_step = 0
+    # When checkpoints exist and none can be read (corrupt, incomplete, failing checksums) a
+    # run stops and moves nothing; True sets them aside and starts over (init_from or seed).
+    c.start_over = False
+    # Fields that may differ from the workdir's config.json on resume although they change
+    # what the saved state means (workdir.SEMANTIC_FIELDS: seed, model, data, loss, batch,
+    # queue, optimizer type; comma-separated dotted names or prefixes, "*" = any). Changes
+    # of the state's layout (shapes) are refused whatever this says, except the queue's size
+    # (re-laid out); optimizer hyperparameters and schedules need no permission.
     c.allow_resume_changes = ""
 
     # ---- loop, logging, checkpoints, evaluation

@@ -486,8 +486,11 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_an_older_one_used(tmp_pat
     assert _logged_steps(run) == [1, 2, 3, 4]
 
 
-def test_nan_names_kept_steps_and_restore_step_rolls_back(tmp_path):
+def test_nan_names_kept_steps_and_restore_step_rolls_back(tmp_path, monkeypatch):
     from tests.test_train import tiny_model
+
+    for name in train.INVOCATION_VARIABLES:  # no scheduler's invocation id: each command asks
+        monkeypatch.delenv(name, raising=False)
 
     run, straight_run = tmp_path / "run", tmp_path / "straight"
     train.train_and_evaluate(_config({"total_steps": 3, "checkpoint_every_steps": 1}), run,
@@ -508,9 +511,16 @@ def test_nan_names_kept_steps_and_restore_step_rolls_back(tmp_path):
     _assert_same_state(_config(), run, straight_run, 6)
     assert _logged_steps(run) == list(range(1, 7))
     assert (run / workdir.REPLACED_METRICS_FILE).exists()
-    # The same command again does not roll back a second time.
-    train.train_and_evaluate(rollback, run, model=tiny_model())
-    assert checkpointing.all_steps(run)[-1] == 6
+    # The same command again is a new request (issue 16): it rolls back to 2 again
+    # (restored only here; tests/test_resume_changes.py trains it).
+    from broadface_jax import sharding
+
+    state, _, _ = train.initial_state(rollback, sharding.make_mesh(rollback.mesh), str(run),
+                                      tiny_model())
+    assert int(state.step) == 2 and checkpointing.all_steps(run) == [1, 2]
+    requests = json.loads((run / train.ROLLBACK_FILE).read_text())["requests"]
+    assert [r["restore_step"] for r in requests] == [2, 2]
+    assert len(list((run / checkpointing.SET_ASIDE_SUBDIR).iterdir())) == 6
 
 
 def test_resume_refuses_state_changing_config_and_logs_harmless_changes(tmp_path):
