@@ -68,6 +68,10 @@ BF_EXIT_PREEMPTED=75
 BF_MAX_RESTARTS=${BF_MAX_RESTARTS:-10}
 # Set by bf_trap_stop when this script itself gets SIGTERM / SIGINT: no more restarts.
 BF_STOP=0
+# One id for this launch, the same in every re-run of a preempted run: a
+# --config.restore_step=N rollback is done by the first start only, the re-runs resume
+# their own progress (broadface_jax.train.rollback_target keys rollbacks by it).
+export BROADFACE_RUN_ID=${BROADFACE_RUN_ID:-launch-$(date -u +%Y%m%dT%H%M%S)-$$}
 
 # bf_trap_stop : a SIGTERM / SIGINT to this script ends the restart loop. The
 # trainer, in the same process group, gets the signal too, checkpoints and exits 75.

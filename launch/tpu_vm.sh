@@ -185,7 +185,8 @@ train_command() {
   # shellcheck disable=SC2016
   local worker='W=$(curl -sf -H "Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)'
   # Exit 75 (preempted after a checkpoint): run it again, which resumes.
-  local loop="n=0; while :; do${main}; rc=\$?; [ \$rc -eq $BF_EXIT_PREEMPTED ] && [ \$n -lt $BF_MAX_RESTARTS ] || break; n=\$((n + 1)); echo \"preempted (exit \$rc): resuming, restart \$n of $BF_MAX_RESTARTS\"; done; exit \$rc"
+  # One BROADFACE_RUN_ID (set in _common.sh) for every worker and every re-run.
+  local loop="export BROADFACE_RUN_ID=$(printf '%q' "$BROADFACE_RUN_ID"); n=0; while :; do${main}; rc=\$?; [ \$rc -eq $BF_EXIT_PREEMPTED ] && [ \$n -lt $BF_MAX_RESTARTS ] || break; n=\$((n + 1)); echo \"preempted (exit \$rc): resuming, restart \$n of $BF_MAX_RESTARTS\"; done; exit \$rc"
   local line="set -o pipefail; cd ~/broadface_jax && $worker && mkdir -p $REMOTE_LOGS && "
   if ((DETACH)); then
     line+="nohup bash -c $(printf '%q' "$loop") > $REMOTE_LOGS/worker-\$W.log 2>&1 < /dev/null & echo \"worker \$W started\""

@@ -135,7 +135,8 @@ TPU = ["--name", "bf-v4", "--zone", "us-central2-b"]
 
 def test_tpu_up_dry_run_exact_commands():
     out = lines(run("tpu_vm.sh", "up", *TPU, "--config", CONFIG, "--workdir",
-                    "gs://bucket/broadface/run1", "--config.lr=0.1", "--dry-run"))
+                    "gs://bucket/broadface/run1", "--config.lr=0.1", "--dry-run",
+                    env=clean_env(BROADFACE_RUN_ID="run-7")))
     gc = "gcloud compute tpus tpu-vm"
     where = "--zone=us-central2-b"
     setup = ("set -e; rm -rf ~/broadface_jax; tar -xzf ~/broadface_jax-bf-v4.tar.gz -C ~; "
@@ -144,7 +145,8 @@ def test_tpu_up_dry_run_exact_commands():
     train = ("set -o pipefail; cd ~/broadface_jax && W=$(curl -sf -H \"Metadata-Flavor: Google\" "
              "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number || hostname) && mkdir -p ~/broadface_logs/run1 && "
-             "( n=0; while :; do python3 -m broadface_jax.main --config=configs/default.py "
+             "( export BROADFACE_RUN_ID=run-7; n=0; while :; do python3 -m broadface_jax.main "
+             "--config=configs/default.py "
              "--workdir=gs://bucket/broadface/run1 --distributed=jax --config.lr=0.1; rc=$?; "
              "[ $rc -eq 75 ] && [ $n -lt 10 ] || break; n=$((n + 1)); "
              'echo "preempted (exit $rc): resuming, restart $n of 10"; done; exit $rc ) 2>&1 '
@@ -183,7 +185,8 @@ def test_tpu_delete_logs_detach():
     out = lines(run("tpu_vm.sh", "train", *TPU, "--config", CONFIG, "--workdir", "gs://b/x/",
                     "--detach", "--dry-run"))
     assert len(out) == 1
-    assert "&& nohup bash -c n=0\\;\\ while" in out[0]
+    assert "&& nohup bash -c export\\ BROADFACE_RUN_ID=launch-" in out[0]
+    assert "\\;\\ n=0\\;\\ while" in out[0]
     assert ("> ~/broadface_logs/x/worker-$W.log 2>&1 < /dev/null & echo \"worker $W started\"'"
             in out[0])
 
@@ -433,7 +436,8 @@ def test_sbatch_port_override_and_errors(tmp_path):
 COUNTING_PYTHON = """#!/usr/bin/env bash
 # Stands in for python: run number N (counted in $FAKE_DIR/runs) exits with the
 # N-th of $CODES (the last one from then on), as a trainer stopped by SIGTERM exits 75.
-echo run >> "$FAKE_DIR/runs"
+# Each line records the run's BROADFACE_RUN_ID.
+echo "run ${BROADFACE_RUN_ID:-unset}" >> "$FAKE_DIR/runs"
 n=$(wc -l < "$FAKE_DIR/runs")
 IFS=, read -r -a codes <<< "$CODES"
 ((n <= ${#codes[@]})) || n=${#codes[@]}
@@ -453,6 +457,11 @@ def _runs(tmp_path: pathlib.Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _run_ids(tmp_path: pathlib.Path) -> set[str]:
+    """The BROADFACE_RUN_IDs the runs saw: one id, set, for every re-run of a launch."""
+    return {line.split(" ", 1)[1] for line in (tmp_path / "runs").read_text().splitlines()}
+
+
 @pytest.mark.parametrize("codes, args, status, runs", [
     ("75,75,0", [], 0, 3),               # preempted twice, resumed twice, finished
     ("75", ["--max-restarts", "2"], 75, 3),  # gives up after 2 restarts, says 75
@@ -465,6 +474,8 @@ def test_gpu_single_process_reruns_a_preempted_run(tmp_path, codes, args, status
                  "--python", str(fake), *args, env=clean_env(FAKE_DIR=str(tmp_path), CODES=codes))
     assert result.returncode == status, result.stderr
     assert _runs(tmp_path) == runs
+    ids = _run_ids(tmp_path)
+    assert len(ids) == 1 and ids != {"unset"}, ids  # a rollback request is not repeated
     restarts = [line for line in result.stderr.splitlines() if "preempted (exit 75)" in line]
     assert len(restarts) == runs - 1
     if runs > 1:
@@ -495,7 +506,7 @@ def test_tpu_worker_loop_reruns_a_preempted_run(tmp_path):
     out = lines(run("tpu_vm.sh", "train", *TPU, "--config", CONFIG, "--workdir", "gs://b/r",
                     "--max-restarts", "3", "--dry-run"))
     remote = shlex.split(out[0])[-1][len("--command="):]
-    loop = remote[remote.index("( n=0;"):remote.index(" 2>&1 | tee")]
+    loop = remote[remote.index("( export BROADFACE_RUN_ID="):remote.index(" 2>&1 | tee")]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _counting_python(bin_dir, "python3")
@@ -506,6 +517,8 @@ def test_tpu_worker_loop_reruns_a_preempted_run(tmp_path):
                                               FAKE_DIR=str(tmp_path), CODES=codes))
         assert (result.returncode, _runs(tmp_path)) == (status, runs), result.stdout
         assert result.stdout.count("preempted (exit 75): resuming") == runs - 1
+        ids = _run_ids(tmp_path)
+        assert len(ids) == 1 and ids != {"unset"}, ids
 
 
 @pytest.mark.parametrize("restart_count, requeued", [("0", True), ("9", True), ("10", False)])
