@@ -80,8 +80,7 @@ def convert(config: Any, spec: str, workdir: str, with_classifier: bool = True) 
         with open(os.path.join(checkpointing.absolute(workdir), "import.json"), "w",
                   encoding="utf-8") as f:
             json.dump(record, f, indent=2)
-        workdir_lib.record_or_compare_config(checkpointing.absolute(workdir), config,
-                                             resuming=False)
+        workdir_lib.record_config(checkpointing.absolute(workdir), config)
     return record
 
 

@@ -311,7 +311,7 @@ def test_export_round_trip_in_onnxruntime(tmp_path, fixture, shared_data):
         model = onnx.load(path)
         assert model.opset_import[0].version == 11
         dims = model.graph.input[0].type.tensor_type.shape.dim
-        assert [d.dim_param or d.dim_value for d in dims] == ["None", 3, size, size]
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, size, size]
         assert not {"Sub", "Mul"} & {n.op_type for n in model.graph.node[:8]}  # ArcFaceONNX: 127.5
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = np.concatenate([session.run(None, {"data": inputs[:4]})[0],
