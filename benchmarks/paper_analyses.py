@@ -303,7 +303,11 @@ class Measurer:
     def batch(self, step: int) -> dict:
         from broadface_jax import input_pipeline
 
-        it = input_pipeline.create_train_iterator(self.config, start_step=step)
+        from broadface_jax import train_step
+
+        # the batch of step step + 1 (stream batch step + queue pre-fill batches)
+        it = input_pipeline.create_train_iterator(
+            self.config, start_step=step + train_step.data_offset(self.config))
         try:
             return next(it)
         finally:
@@ -358,7 +362,7 @@ class Measurer:
         import jax
         import numpy as np
 
-        from broadface_jax import analysis, checkpointing
+        from broadface_jax import analysis, checkpointing, train_step
 
         state = checkpointing.restore(str(workdir), self.target, step)
         assert int(jax.device_get(state.step)) == step, (step, state.step)
@@ -387,7 +391,7 @@ class Measurer:
         if q.capacity:
             emb_q, w_q, pos = np.asarray(q.embeddings), np.asarray(q.weights), int(q.position)
             for lag in lags:
-                if lag > step or lag * local > q.shard_capacity:
+                if lag > step + train_step.data_offset(self.config) or lag * local > q.shard_capacity:
                     continue
                 rows = analysis.rows_at_lag(pos, q.shard_capacity, q.num_shards, local, lag)
                 if not qvalid[rows].all():
