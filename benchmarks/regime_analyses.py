@@ -44,6 +44,10 @@ exists is skipped; an unfinished run resumes from its latest checkpoint;
 measurements are cached in ``WORK/<name>/regime.json``. Re-running the same
 command continues where it stopped.
 
+``--collect DIR`` first copies the run JSONs of DIR (a background run's
+``OUT/runs``) into this ``OUT/runs``: with ``--report_only`` the analysis of
+E1 is one command (docs/ANALYSES.md, Part 2).
+
 ``--quick``: synthetic identities, a two-layer encoder, a few steps, one
 seed (the end-to-end test, ``tests/test_regime_analyses.py``).
 """
@@ -895,7 +899,11 @@ def parse_args(argv):
     ap.add_argument("--runs", default="", help="only these runs (comma-separated names), "
                     "plus what they need (stage 1, the lr rule)")
     ap.add_argument("--report_only", action="store_true")
+    ap.add_argument("--collect", default="", help="first copy the run JSONs of this folder "
+                    "(another --out's runs/) into OUT/runs (e.g. from a background run)")
     args = ap.parse_args(argv)
+    if args.collect and not pathlib.Path(args.collect).is_dir():
+        ap.error(f"--collect={args.collect}: no such folder")
     if args.seeds < 1:
         ap.error(f"--seeds={args.seeds} must be >= 1")
     return args
@@ -931,6 +939,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 f"{jax.devices()[0].platform} device(s)", jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     only = {x for x in args.runs.split(",") if x.strip()}
+    if args.collect:
+        import shutil
+
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        for f in sorted(pathlib.Path(args.collect).glob("*.json")):
+            json.loads(f.read_text())  # a half-written file is an error, not a silent copy
+            shutil.copyfile(f, out / "runs" / f.name)
     if not args.report_only:
         run_stage1(p, ctx)
         lr, probes = choose_lr(p, ctx)
