@@ -472,15 +472,26 @@ def run_stage2(p: Protocol, arm: Arm, seed: int, lr: float, ctx: dict) -> dict:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rep = Replayer(config, model)
     steps = checkpointing.all_steps(str(workdir))
+    last = steps[-1]
     mech = cache.setdefault("mechanism", {})
-    for step in steps:
-        if str(step) not in mech:
+    for step in steps:  # at the evaluation steps (each costs an embedding of the training set)
+        if (step % p.eval_every == 0 or step == last) and str(step) not in mech:
             m = rep.measurer.measure(workdir, step, ())
             mech[str(step)] = {k: v for k, v in m.items() if k != "comp_error"}
             pa._write_json(cache_path, cache)
-    last = steps[-1]
     if "final" not in cache:
-        cache["final"] = rep.measurer.evaluate(workdir, last, p.final_targets)
+        # the targets the run evaluated at its last step are taken from its metrics (the
+        # same parameters and function); only the others are evaluated here
+        evals = pa.split_curves(pa.read_metrics(workdir))[0].get(str(last), {})
+        have: dict[str, dict[str, float]] = {}
+        for key, v in evals.items():
+            t, m = key.split("/", 1)
+            have.setdefault(t, {})[m] = v
+        missing = tuple(t for t in p.final_targets if t not in have)
+        final = {t: have[t] for t in p.final_targets if t in have}
+        if missing:
+            final.update(rep.measurer.evaluate(workdir, last, missing))
+        cache["final"] = final
         pa._write_json(cache_path, cache)
     if "regime" not in cache:
         high = round(0.625 * p.steps)  # the high-lr phase
