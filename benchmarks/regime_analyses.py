@@ -640,11 +640,12 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
         row["S"] = float(np.mean([g["S"] for g in reg if "S" in g])) if reg else None
         row["S_values"] = [g.get("S") for g in reg]
         row["theta_deg"] = {lag: float(np.mean([g["theta"][lag]["deg"] for g in reg]))
-                            for lag in reg[0]["theta"]}
+                            for lag in sorted(reg[0]["theta"], key=int)}
         row["t_visit"] = {k: float(np.mean([g["t_visit"][k] for g in reg]))
                           for k in ("mean_gap", "median_class")}
         row["errors"] = {lag: {k: float(np.mean([g["errors"][lag][k] for g in reg]))
-                               for k in reg[0]["errors"][lag]} for lag in reg[0]["errors"]}
+                               for k in reg[0]["errors"][lag]}
+                         for lag in sorted(reg[0]["errors"], key=int)}
         st = {}
         for step in reg[0]["staleness"]:
             st[step] = dict(
@@ -775,6 +776,10 @@ def summary_markdown(s: dict) -> str:
                 lines.append(f"| {arm} | {step} | {st['slope_deg_per_100_steps']:+.2f} | "
                              f"{', '.join(f'{x:.2f}' for x in st['spearman'])} | {bins} |")
         lines.append("")
+    if s["arms"]:
+        worst = max(r["replay_check_max_abs_w"] for r in s["arms"].values())
+        lines += [f"Replay check (the regime replay against each run's own checkpoint at "
+                  f"anchor + {s['protocol']['check_offset']}): max |ΔW| = {worst:g} over all runs.", ""]
     if s.get("reading"):
         rd = s["reading"]
         lines += [f"**Reading**: arm A's S = {rd['S_A']:.3f} (needs >= 0.5: {rd['S_ok']}); its "
