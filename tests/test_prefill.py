@@ -28,35 +28,42 @@ def _stream_labels(config, start: int, n: int) -> list[np.ndarray]:
         it.close()
 
 
-def test_first_update_sees_a_full_queue(tmp_path):
-    c = _config(total_steps=1)
-    train.train_and_evaluate(c, tmp_path, model=tiny_model())
-    first = [m for m in read_metrics(tmp_path) if m["step"] == 1 and "queue_used" in m][0]
-    assert first["queue_used"] == 4 * jax.device_count()  # every row valid at update 1
-    # the queue after step 1: slot 1 = stream batch 1 (pre-fill), slot 0 = the batch of
-    # step 1, which is stream batch 2 (batches 0 and 1 went to the pre-fill)
-    q = restore_state(c, str(tmp_path), 1).queue
-    labels = np.asarray(q.labels).reshape(jax.device_count(), 2, 2)  # shard, slot, row
-    b1, b2 = _stream_labels(c, 1, 2)
-    np.testing.assert_array_equal(labels[:, 1].reshape(-1), b1)
-    np.testing.assert_array_equal(labels[:, 0].reshape(-1), b2)
-    assert int(q.position) == 2
-    # the pre-filled rows are embeddings, not zeros
-    emb = np.asarray(q.embeddings).reshape(jax.device_count(), 2, 2, -1)[:, 1]
-    assert np.all(np.linalg.norm(emb, axis=-1) > 1e-3)
-
-
-@pytest.mark.parametrize("from_step", [2, 0])
-def test_resume_through_prefill_is_exact(tmp_path, from_step):
-    """4 steps straight == the same run resumed from its step-2 checkpoint (or restarted
-    from scratch: the pre-fill is redone identically)."""
+def _run_and_copy(tmp_path, delete: tuple[int, ...]):
     c = _config(total_steps=4)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.train_and_evaluate(c, straight, model=tiny_model())
     shutil.copytree(straight, resumed)
-    for step in (4, 2) if from_step == 0 else (4,):
+    for step in delete:
         shutil.rmtree(resumed / "checkpoints" / str(step))
     train.train_and_evaluate(c, resumed, model=tiny_model())
-    a, b = restore_state(c, str(straight), 4), restore_state(c, str(resumed), 4)
+    return c, straight, resumed
+
+
+def _assert_same_state(c, a_dir, b_dir):
+    a, b = restore_state(c, str(a_dir), 4), restore_state(c, str(b_dir), 4)
     for x, y in zip(leaves(a), leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_first_update_sees_a_full_queue_and_resume_is_exact(tmp_path):
+    c, straight, resumed = _run_and_copy(tmp_path, delete=(4,))  # resume from step 2
+    first = [m for m in read_metrics(straight) if m["step"] == 1 and "queue_used" in m][0]
+    assert first["queue_used"] == 4 * jax.device_count()  # every row valid at update 1
+    # stream batches 0 and 1 went to the pre-fill; steps 1 and 2 read batches 2 and 3 and
+    # overwrote slots 0 and 1 of every shard
+    q = restore_state(c, str(straight), 2).queue
+    labels = np.asarray(q.labels).reshape(jax.device_count(), 2, 2)  # shard, slot, row
+    b2, b3 = _stream_labels(c, 2, 2)
+    np.testing.assert_array_equal(labels[:, 0].reshape(-1), b2)
+    np.testing.assert_array_equal(labels[:, 1].reshape(-1), b3)
+    assert int(q.position) == 0
+    _assert_same_state(c, straight, resumed)
+
+
+@pytest.mark.slow
+def test_restart_before_the_first_checkpoint_redoes_the_same_prefill(tmp_path):
+    c, straight, resumed = _run_and_copy(tmp_path, delete=(4, 2))  # no checkpoint left
+    _assert_same_state(c, straight, resumed)
+    # the pre-filled rows are embeddings of the model at step 0, not zeros
+    q = restore_state(c, str(straight), 2).queue
+    assert np.all(np.linalg.norm(np.asarray(q.embeddings), axis=-1) > 1e-3)
