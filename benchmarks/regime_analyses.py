@@ -704,13 +704,14 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     return summary
 
 
-def _fmt(pi, scale=1.0, digits=3):
+def _fmt(pi, scale=1.0, digits=3, kind="f"):
     if pi is None:
         return "-"
+    f = f"+.{digits}{kind}"
     if not math.isfinite(pi["lo"]):
-        return f"{scale * pi['diff']:+.{digits}f} (1 seed)"
-    return (f"{scale * pi['diff']:+.{digits}f} [{scale * pi['lo']:+.{digits}f}, "
-            f"{scale * pi['hi']:+.{digits}f}] (n={int(pi['n'])})")
+        return f"{scale * pi['diff']:{f}} (1 seed)"
+    return (f"{scale * pi['diff']:{f}} [{scale * pi['lo']:{f}}, "
+            f"{scale * pi['hi']:{f}}] (n={int(pi['n'])})")
 
 
 def summary_markdown(s: dict) -> str:
@@ -786,12 +787,16 @@ def summary_markdown(s: dict) -> str:
                   f"staleness grows with time since the last visit: {rd['staleness_grows']}; the "
                   f"comparison {'counts' if rd['counts'] else 'does NOT count'} (pre-registered rule).", ""]
     lines += ["### Claims (paired by seed, mean [95% t interval]; TAR as fractions, accuracy in points)", "",
+              "Two primary outcomes and several claims, no multiplicity correction; with n "
+              "seeds the t interval has n - 1 degrees of freedom (n = 2: t = 12.7).", "",
               "| claim | comparison | metric | primary | paired difference | verdict |",
               "|---|---|---|---|---|---|"]
     for c in s["claims"]:
-        scale, d = (100, 2) if "accuracy" in c["metric"] else ((1, 6) if "cos" in c["metric"] else (1, 4))
+        scale, d, kind = ((100, 2, "f") if "accuracy" in c["metric"] else
+                          ((1, 2, "e") if "cos" in c["metric"] else (1, 4, "f")))
         lines.append(f"| {c['claim']} | {c['compare']} | {c['metric']} | "
-                     f"{'yes' if c['primary'] else ''} | {_fmt(c['result'], scale, d)} | {c['verdict']} |")
+                     f"{'yes' if c['primary'] else ''} | {_fmt(c['result'], scale, d, kind)} | "
+                     f"{c['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
