@@ -838,10 +838,13 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
     # learning curves with seed bands
     keys = ([f"{t}/accuracy" for t in p.curve_targets] if p.synthetic
             else ["lfw_dev/accuracy", "lfw_people_test/tar@far=1e-3", "lfw_people_test/tar@far=1e-4"])
+    s1 = [r for r in records if r.get("stage") == 1]
+    start = s1[0].get("final", {}) if s1 else {}  # stage 1's last evaluation = stage 2's step 0
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for arm in order:
-            series = [{int(k): v[key] for k, v in r["curve"].items() if key in v}
+            series = [{**({0: start[key]} if key in start else {}),
+                       **{int(k): v[key] for k, v in r["curve"].items() if key in v}}
                       for r in by_arm[arm].values()]
             series = [x for x in series if x]
             if not series:
@@ -853,7 +856,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
                 sd = ys.std(0, ddof=1)
                 ax.fill_between(common, ys.mean(0) - sd, ys.mean(0) + sd, alpha=0.2,
                                 color=line.get_color())
-        ax.set_xlabel("stage-2 step")
+        ax.set_xlabel("stage-2 step (0 = the stage-1 checkpoint)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
