@@ -705,6 +705,29 @@ class _Interval:
         self.t0 = time.perf_counter()
 
 
+def prefill_queue(config: Any, mesh: jax.sharding.Mesh, shardings: train_step.TrainState,
+                  model: Any, state: train_step.TrainState) -> train_step.TrainState:
+    """Enqueues stream batches 0 .. queue.prefill_steps - 1 without an update (step 0 only).
+
+    Deterministic in (state, data), so a run restarted before its first
+    checkpoint pre-fills the same queue again; later checkpoints hold the queue.
+    """
+    from broadface_jax import input_pipeline  # noqa: PLC0415
+
+    n = train_step.data_offset(config)
+    fn = train_step.make_prefill_step(config, mesh, shardings, model=model)
+    it = input_pipeline.create_train_iterator(config, start_step=0)
+    try:
+        for i in range(n):
+            state = fn(state, sharding.shard_batch(_next_batch(it, -(n - i), config), mesh))
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    logging.info("queue pre-filled with %d batches (%d valid rows)", n,
+                 int(jax.device_get(jnp.sum(state.queue.valid))))
+    return state
+
+
 def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
                        ) -> dict[str, float]:
     """Trains (or resumes) a run in ``workdir`` and evaluates it.
@@ -809,7 +832,10 @@ class _Run:
         total = schedule.total_steps
         if start and self.targets and schedule.is_eval(start) and _missed_eval(self.workdir, start):
             self.evaluate(start)  # the run stopped between checkpoint and evaluation
-        self.iterator = input_pipeline.create_train_iterator(config, start_step=start)
+        offset = train_step.data_offset(config)  # queue pre-fill batches come first
+        if start == 0 and offset and self.state.queue.capacity:
+            self.state = prefill_queue(config, self.mesh, shardings, self.model, self.state)
+        self.iterator = input_pipeline.create_train_iterator(config, start_step=start + offset)
         step_fn = train_step.make_train_step(config, self.mesh, shardings, model=self.model)
         progress = periodic_actions.ReportProgress(
             num_train_steps=total, every_steps=schedule.log_every if schedule.log_every > 0

@@ -346,6 +346,46 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
     return step_fn
 
 
+def data_offset(config: Any) -> int:
+    """Batches of the data stream read before step 1: ``queue.prefill_steps`` (the
+    training batch of step s >= 1 is stream batch ``data_offset + s - 1``)."""
+    return int(config.queue.get("prefill_steps", 0) or 0)
+
+
+def build_prefill_step(config: Any, model=None, mesh: Mesh | None = None
+                       ) -> Callable[[TrainState, dict], TrainState]:
+    """The pure queue pre-fill: (state, batch) -> state with the batch enqueued.
+
+    A train-mode forward pass (the embeddings a step would compute) with the
+    current classifier rows W_y as W⁻; parameters, BatchNorm statistics,
+    optimizer, step and loss state are unchanged (no update). Dropout keys are
+    ``fold_in(fold_in(rng, -1 mod 2^32), queue position)`` (apart from any step's).
+    """
+    model = _model(config, model, mesh)
+
+    def prefill_fn(state: TrainState, batch: dict) -> TrainState:
+        labels = batch["label"].astype(jnp.int32)
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, jnp.uint32(0xFFFFFFFF)),
+                                 state.queue.position)
+        emb, _ = model.apply({"params": state.params["encoder"],
+                              "batch_stats": state.batch_stats},
+                             batch["image"], train=True, mutable=["batch_stats"],
+                             rngs={"dropout": rng})
+        w_used = jnp.take(state.params["classifier"]["kernel"], labels, axis=0)
+        return state.replace(queue=queue_lib.enqueue(
+            state.queue, emb.astype(jnp.float32), w_used, labels))
+
+    return prefill_fn
+
+
+def make_prefill_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None):
+    """jax.jit of `build_prefill_step` with the state's shardings (state donated)."""
+    batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
+    return jax.jit(build_prefill_step(config, model, mesh),
+                   in_shardings=(state_shardings, batch_sh), out_shardings=state_shardings,
+                   donate_argnums=(0,))
+
+
 def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None,
                     step_fn: Callable | None = None):
     """jax.jit of the step with explicit in/out shardings and a donated state."""

@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
     # queue rows per device per chunk of the classifier loss (0 = unchunked); peak
     # memory follows it. With W split over n class shards it is divided by n.
     c.queue.chunk_size = 2048
+    # > 0: before the first update, that many forward passes (train mode, no update of
+    # parameters, BN statistics or step) enqueue the batches that precede step 1, so the
+    # first update already sees them (size_per_device / per_device_batch_size fills the
+    # queue). Training then reads the data stream from batch prefill_steps on.
+    c.queue.prefill_steps = 0
 
     # ---- data
     c.num_classes = 85742  # MS1MV2; 0 = from the prepared data set's metadata (checked against it)

@@ -162,3 +162,33 @@ def test_claims_paired_over_seeds_with_t_intervals():
     assert paper_analyses.best_broadface_arm(p, recs) == (8, True)  # q16 is 0.03 points lower
     md = paper_analyses.summary_markdown(summary)
     assert "| q8_comp | 1,2,3 | 83.83 ± 2.02 |" in md
+
+
+def test_from_scratch_compensation_claim_at_lag_64():
+    """Fig. 5a where the embedding moves (issue 18): compensated - stale at lag 64, mean over
+    a run's checkpoints, paired over seeds; larger compensated errors are 'opposite'."""
+    p = dataclasses.replace(paper_analyses.quick_protocol(), seeds=(1, 2, 3))
+    rng = np.random.default_rng(7)
+    stale = rng.uniform(0.1, 0.17, (3, 2))
+    ratio = rng.uniform(1.3, 1.55, (3, 2))
+    recs = []
+    for i, seed in enumerate(p.seeds):
+        recs.append(_record(3, "arcface", 0, True, seed, 0.7))
+        r = _record(3, "q8_nocomp", 8, False, seed, 0.7)
+        r["mechanism"] = {str(step): {"comp_error": {"64": {"stale": stale[i, j],
+                                                            "compensated": stale[i, j] * ratio[i, j]},
+                                                     "8": {"stale": 0.5, "compensated": 0.0}}}
+                          for j, step in enumerate((250, 500))}
+        r["mechanism"]["start"] = {}
+        recs.append(r)
+    summary = paper_analyses.summarise(p, recs)
+    c = [c for c in summary["claims"]
+         if c["claim"] == "compensation reduces the embedding error (Fig. 5a), from scratch"]
+    assert len(c) == 1 and c[0]["compare"].startswith("q8_nocomp")
+    per_seed = (stale * (ratio - 1)).mean(axis=1)
+    ci = stats.ttest_1samp(per_seed, 0.0).confidence_interval(0.95)
+    assert c[0]["result"]["diff"] == pytest.approx(per_seed.mean(), rel=1e-12)
+    assert (c[0]["result"]["lo"], c[0]["result"]["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert c[0]["verdict"] == "opposite"
+    md = paper_analyses.summary_markdown(summary)
+    assert f"{per_seed.mean():+.2e} [" in md  # errors in e-notation, not +0.00
