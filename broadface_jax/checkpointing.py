@@ -660,13 +660,7 @@ def restore_mapped(path: str | os.PathLike, target: PyTree, fresh: PyTree,
     try:
         item = jax.tree_util.tree_map_with_path(
             item_leaf, _metadata_tree(reader, step, where), is_leaf=_is_meta)
-        try:
-            restored = reader.restore(step, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
-        except Exception as e:  # corrupt files surface as many exception types
-            raise UnreadableCheckpointError(
-                f"checkpoint {where} cannot be restored (corrupt or "
-                f"incomplete?): {type(e).__name__}: {e}") from e
+        restored = _read(reader, step, item, where)
     finally:
         reader.close()
     got = {canonical_name(_path_str(p)): v
@@ -685,6 +679,19 @@ def restore_mapped(path: str | os.PathLike, target: PyTree, fresh: PyTree,
     dropped = sorted(n for n in got if n not in used)
     state = jax.tree_util.tree_unflatten(treedef, leaves)
     return _from_storable(state, target), dropped, initialised
+
+
+def _read(reader: ocp.CheckpointManager, step: int, item: PyTree, where: str,
+          partial: bool = False) -> PyTree:
+    """``reader.restore`` of ``item`` (abstract leaves); any failure is UnreadableCheckpointError."""
+    try:
+        return reader.restore(step, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=partial))
+    except Exception as e:  # corrupt files surface as many exception types
+        raise UnreadableCheckpointError(
+            f"checkpoint {where} cannot be restored (corrupt or "
+            f"incomplete?): {type(e).__name__}: {e}") from e
 
 
 def _verify_or_warn(where: str) -> None:
@@ -877,15 +884,7 @@ def _restore(folder: str, step: int, target: PyTree, partial: bool) -> PyTree:
     reader = _reader(folder)
     try:
         _check_shapes(_stored_shapes(reader, step, where), target, where)
-        try:
-            restored = reader.restore(step, args=ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=partial))
-        except Exception as e:  # corrupt files surface as many exception types
-            raise UnreadableCheckpointError(
-                f"checkpoint {where} cannot be restored (corrupt or "
-                f"incomplete?): {type(e).__name__}: {e}") from e
+        restored = _read(reader, step, abstract, where, partial=partial)
     finally:
         reader.close()
     return _from_storable(restored, target)

@@ -22,6 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.tmpfs import mount_tmpfs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--config", "configs/demo.py:smoke"]
 
@@ -251,19 +253,11 @@ def test_wrong_paths_are_one_line_exit_2_before_anything_is_written(tmp_path, ca
     assert not work.exists()
 
 
-def _mount_tmpfs(path: pathlib.Path, size: str) -> bool:
-    path.mkdir()
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
 def test_disk_full_at_the_first_checkpoint_is_one_last_line(tmp_path):
     """A disk with room for config.json and the metrics but not for checkpoint 1."""
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "120k"):
+    if not mount_tmpfs(disk, "120k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         work = disk / "run"

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from broadface_jax import checkpointing, config_check, preemption, train, workdir
+from tests.tmpfs import mount_tmpfs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("BROADFACE_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)
@@ -422,18 +423,10 @@ def test_enospc_in_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_
     assert _logged_steps(run) == list(range(1, 7))
 
 
-def _mount_tmpfs(path: pathlib.Path, size: str) -> bool:
-    path.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
 def test_full_tmpfs_stops_with_one_readable_line(tmp_path):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "400k"):
+    if not mount_tmpfs(disk, "400k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         run = disk / "run"
