@@ -12,12 +12,20 @@ evaluation cache under ``~/.cache/broadface_jax/eval`` is written atomically
 (temporary file + ``os.replace``), so two workers building the same entry
 both end with a complete file.
 
-Random inputs are reproducible: during each test, ``np.random.default_rng()``
-called without a seed draws from one seed per test (a fresh one each run, or
-``$BROADFACE_TEST_SEED``), and a failing test's report names it::
+Random inputs are reproducible: ``np.random.default_rng()`` called without a
+seed draws from ``default_rng([seed, crc32(test id), k])`` for the k-th such
+call of the test being set up or run. ``seed`` is fresh for each worker
+process, or ``$BROADFACE_TEST_SEED``, and a failing test's report names it::
 
     numpy seed: unseeded np.random.default_rng() calls drew from seed 123456;
     rerun with BROADFACE_TEST_SEED=123456
+
+The patch is installed for the whole process (not per test) so that module-
+and session-scoped fixtures, which pytest sets up before any function-scoped
+fixture, draw from it too: they are built during the setup of the first test
+that uses them (with ``--dist loadfile`` the same test on every run), under
+that test's id. A fixture built outside any test's setup fails loudly instead
+of drawing an unrecorded seed.
 """
 
 import os
@@ -31,6 +39,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import itertools  # noqa: E402
 import pathlib  # noqa: E402
+import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -48,20 +57,35 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _seeded_default_rng(request, monkeypatch):
-    """Unseeded ``np.random.default_rng()`` -> ``default_rng([seed, k])`` (k-th call)."""
-    seed = int(os.environ.get(SEED_ENV, "0")) or 1 + int.from_bytes(os.urandom(4), "little") % 10**6
-    original = np.random.default_rng
-    calls = itertools.count()
+_SEED = int(os.environ.get(SEED_ENV, "0")) or 1 + int.from_bytes(os.urandom(4), "little") % 10**6
+_current_test: dict = {"id": None, "calls": None}
+_original_default_rng = np.random.default_rng
 
-    def default_rng(*args, **kwargs):
-        if (not args or args[0] is None) and not kwargs:
-            return original([seed, next(calls)])
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(np.random, "default_rng", default_rng)
-    request.node.numpy_seed = seed
+def _default_rng(*args, **kwargs):
+    """Unseeded ``np.random.default_rng()`` -> ``default_rng([seed, crc32(test id), k])``."""
+    if (not args or args[0] is None) and not kwargs:
+        if _current_test["id"] is None:
+            raise RuntimeError("np.random.default_rng() without a seed outside a test's setup or "
+                               "call: its draws could not be reproduced; pass a seed")
+        return _original_default_rng([_SEED, zlib.crc32(_current_test["id"].encode()),
+                                      next(_current_test["calls"])])
+    return _original_default_rng(*args, **kwargs)
+
+
+np.random.default_rng = _default_rng
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before any fixture of this test, module- and session-scoped ones included.
+    _current_test.update(id=item.nodeid, calls=itertools.count())
+    item.numpy_seed = _SEED
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _current_test.update(id=None, calls=None)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,7 +1,7 @@
 """bfloat16 compute (config.model.dtype='bfloat16') on a real tiny IResNet.
 
 The same data and the same initialisation are trained for a few steps in
-float32 and in bfloat16: the losses agree to 1e-2 relative, the parameters,
+float32 and in bfloat16: the losses agree to 3e-2 relative, the parameters,
 batch statistics, optimizer state and queue stay float32, the backbone's
 convolutions really run in bfloat16, and everything that touches the
 classifier (logits of the batch and of the queue, softmax, margin loss) runs
@@ -82,7 +82,11 @@ def test_bf16_losses_track_float32(runs):
     assert np.all(np.isfinite(loss16))
     # The runs did train (the loss moved), and bf16 follows float32 step by step.
     assert loss32[-1, 0] < 0.8 * loss32[0, 0]
-    np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
+    # The tolerance is 2.7x the largest difference seen over 1,500 data seeds
+    # (benchmarks/bench_bf16_tolerance.py, 2026-12-06: per-seed max relative
+    # difference median 0.0031, q0.999 0.0109, max 0.0112; 4 seeds were above
+    # the 1e-2 this test used to have, which made it fail in CI).
+    np.testing.assert_allclose(loss16, loss32, rtol=3e-2)
     # ... while not being float32 in disguise.
     assert np.any(loss16 != loss32)
 
