@@ -28,6 +28,7 @@ import pytest
 
 from broadface_jax import checkpointing, elastic, losses, sharding, train, train_step
 from broadface_jax import queue as queue_lib
+from tests.tiny_config import tiny_config
 from tests.tiny_encoder import TinyEncoder
 
 STEPS = 10
@@ -36,21 +37,10 @@ QUEUE_PER_DEVICE = 16
 
 
 def _config(num_devices: int):
-    from configs import default
-
-    c = default.get_config()
-    c.model.embedding_dim = 8
-    c.num_classes = 10
-    c.image_size = 8
-    c.per_device_batch_size = PER_DEVICE_8 * 8 // num_devices
-    c.queue.size_per_device = QUEUE_PER_DEVICE
-    c.queue.chunk_size = 8
-    c.loss.s = 16.0
-    c.loss.m2 = 0.3
-    c.lr = 0.01
-    c.lr_boundaries = ()
-    c.init_from = ""
-    return c
+    return tiny_config("step", model__embedding_dim=8, num_classes=10, image_size=8,
+                       per_device_batch_size=PER_DEVICE_8 * 8 // num_devices,
+                       queue__size_per_device=QUEUE_PER_DEVICE, queue__chunk_size=8, loss__s=16.0,
+                       loss__m2=0.3, lr=0.01, lr_boundaries=(), init_from="")
 
 
 def _batches(seed: int, n: int) -> list[dict]:

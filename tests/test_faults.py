@@ -292,7 +292,8 @@ def test_tensorboard_writer_disk_full_between_checkpoints(tmp_path, monkeypatch,
     from clu import asynclib
 
     from broadface_jax import checkpointing, main, train
-    from tests.test_train import tiny_config, tiny_model
+    from tests.tiny_config import tiny_config
+    from tests.test_train import tiny_model
 
     real = train.create_writer
 
@@ -336,7 +337,8 @@ def test_tensorboard_writer_disk_full_between_checkpoints(tmp_path, monkeypatch,
 def test_failed_save_is_reported_once_not_raised_again_on_close(tmp_path, monkeypatch, capsys):
     """Disk full at a save, and orbax's close() raising its raw error again (as it does)."""
     from broadface_jax import checkpointing, main
-    from tests.test_train import tiny_config, tiny_model
+    from tests.tiny_config import tiny_config
+    from tests.test_train import tiny_model
 
     manager = checkpointing.ocp.CheckpointManager
     real_save, real_close = manager.save, manager.close
@@ -383,7 +385,7 @@ def prepared_faces(tmp_path_factory) -> pathlib.Path:
 
 
 def _faces_config(data_dir: pathlib.Path):
-    from tests.test_train import tiny_config
+    from tests.tiny_config import tiny_config
 
     config = tiny_config(total_steps=3)
     config.dataset.name = "tfds"

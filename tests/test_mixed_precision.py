@@ -18,6 +18,7 @@ import pytest
 from jax.extend import core as jex_core
 
 from broadface_jax import sharding, train_step
+from tests.tiny_config import tiny_config
 
 pytestmark = pytest.mark.slow  # every test uses the module's ~1-3 min training fixture
 
@@ -26,26 +27,13 @@ STEPS = 3
 
 
 def _config(dtype: str):
-    from configs import default
-
-    c = default.get_config()
-    c.model.name = "iresnet18"
-    c.model.width = 0.0625
-    c.model.embedding_dim = 16
-    c.model.dtype = dtype
-    c.num_classes = NUM_CLASSES
-    c.image_size = 32
-    c.per_device_batch_size = 8
-    c.queue.size_per_device = 16
-    c.queue.chunk_size = 8
-    c.loss.s = 16.0
-    c.loss.m2 = 0.3
-    # Small: W starts at N(0, 0.01^2), so its rows turn fast (the gradient through
-    # the row normalisation scales as 1/|W|); at larger rates one step changes the
-    # loss so much that the ~1% bf16 gradient error is amplified past 1e-2.
-    c.lr = 2e-4
-    c.lr_boundaries = ()
-    return c
+    # lr is small: W starts at N(0, 0.01^2), so its rows turn fast (the gradient
+    # through the row normalisation scales as 1/|W|); at larger rates one step
+    # changes the loss so much that the bf16 gradient error is amplified.
+    return tiny_config("step", model__name="iresnet18", model__width=0.0625,
+                       model__embedding_dim=16, model__dtype=dtype, num_classes=NUM_CLASSES,
+                       image_size=32, per_device_batch_size=8, queue__size_per_device=16,
+                       queue__chunk_size=8, loss__s=16.0, loss__m2=0.3, lr=2e-4, lr_boundaries=())
 
 
 def _batches(seed: int) -> list[dict]:

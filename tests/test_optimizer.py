@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from broadface_jax import train_step
-from configs import default
+from tests.tiny_config import tiny_config
 
 SHAPES = {"encoder": {"conv": (3, 4), "bias": (5,)}, "classifier": {"kernel": (6, 3)}}
 
 
 def _config(clip=0.0, warmup=2, boundaries=(3, 5)):
-    c = default.get_config()
+    c = tiny_config("default")
     c.lr, c.lr_decay, c.lr_boundaries, c.warmup_steps = 0.1, 0.1, boundaries, warmup
     c.grad_clip_norm = clip
     c.optimizer.encoder.update(dict(name="sgd", momentum=0.9, weight_decay=0.05, lr_scale=1.0))

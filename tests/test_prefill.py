@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from broadface_jax import input_pipeline, train
-from tests.test_train import leaves, read_metrics, restore_state, tiny_config, tiny_model
+from tests.tiny_config import tiny_config
+from tests.test_train import leaves, read_metrics, restore_state, tiny_model
 
 
 def _config(total_steps: int):

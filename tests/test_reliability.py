@@ -32,17 +32,12 @@ SEED = int(os.environ.get("BROADFACE_TEST_SEED", "0")) or random.SystemRandom().
 
 
 def _config(overrides: dict | None = None):
-    from tests.test_train import tiny_config
+    from tests.tiny_config import tiny_config
 
-    config = tiny_config(total_steps=6)
-    config.checkpoint_every_steps = 1
-    for key, value in (overrides or {}).items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = tuple(value) if isinstance(value, list) else value
-    return config
+    fields = {"total_steps": 6, "checkpoint_every_steps": 1}
+    fields.update({key.replace(".", "__"): tuple(value) if isinstance(value, list) else value
+                   for key, value in (overrides or {}).items()})
+    return tiny_config(**fields)
 
 
 def _worker(workdir_: str, overrides: str) -> None:

@@ -33,7 +33,8 @@ def _worker(workdir: str) -> None:
     """The first half: train with checkpoints every HALF steps, block, wait to be killed."""
     sys.path.insert(0, str(REPO))
     from broadface_jax import input_pipeline, train
-    from tests.test_train import tiny_config, tiny_model
+    from tests.tiny_config import tiny_config
+    from tests.test_train import tiny_model
 
     real_iterator = input_pipeline.create_train_iterator
 
@@ -81,7 +82,8 @@ def _run_killed_first_half(workdir: pathlib.Path, timeout: float = 240.0) -> Non
 @pytest.mark.slow
 def test_resume_after_kill_is_identical(tmp_path):
     from broadface_jax import checkpointing, train
-    from tests.test_train import read_metrics, restore_state, tiny_config, tiny_model
+    from tests.tiny_config import tiny_config
+    from tests.test_train import read_metrics, restore_state, tiny_model
 
     config = tiny_config(total_steps=TOTAL_STEPS)
     config.checkpoint_every_steps = HALF

@@ -7,12 +7,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from broadface_jax import sharding, train_step
-from tests.test_train_step import host, random_batch, tiny_config
+from tests.tiny_config import tiny_config
+from tests.test_train_step import host, random_batch
 from tests.tiny_encoder import TinyEncoder
 
 
 def run(mode, mesh_shape, batches, num_classes, steps_model=None):
-    cfg = tiny_config(per_device_batch=2, queue=4, chunk=2)
+    cfg = tiny_config("step", per_device_batch_size=2, queue__size_per_device=4, queue__chunk_size=2)
     cfg.num_classes = num_classes
     cfg.lr = 1e-3
     cfg.classifier_sharding = mode
@@ -55,7 +56,7 @@ def test_sharded_classifier_matches_replicated(mode, mesh_shape):
 
 
 def test_mesh_errors_name_the_field():
-    cfg = tiny_config()
+    cfg = tiny_config("step")
     cfg.mesh.model = 3
     with pytest.raises(ValueError, match="mesh.model=3"):
         sharding.make_mesh(cfg.mesh)
@@ -68,7 +69,7 @@ def test_mesh_errors_name_the_field():
 
 def test_queue_chunk_follows_the_class_shards():
     """With W over n shards a device scores n gathered chunks: the chunk is divided by n."""
-    cfg = tiny_config(per_device_batch=128, queue=8192, chunk=2048)
+    cfg = tiny_config("step", per_device_batch_size=128, queue__size_per_device=8192, queue__chunk_size=2048)
     mesh = sharding.make_mesh(cfg.mesh)
     assert train_step.queue_chunk(cfg, mesh) == 2048
     cfg.classifier_sharding = "all"

@@ -5,17 +5,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from broadface_jax.datasets import synthetic
-from configs.default import get_config
+from tests.tiny_config import tiny_config
 
 
 def _config(size=48, ids=20, heldout=10, samples=4):
-    c = get_config()
-    c.image_size = size
-    c.dataset.name = "synthetic"
-    c.dataset.synthetic.num_identities = ids
-    c.dataset.synthetic.heldout_identities = heldout
-    c.dataset.synthetic.samples_per_identity = samples
-    return c
+    return tiny_config("default", image_size=size, dataset__name="synthetic",
+                       dataset__synthetic__num_identities=ids,
+                       dataset__synthetic__heldout_identities=heldout,
+                       dataset__synthetic__samples_per_identity=samples)
 
 
 def test_render_is_deterministic_and_batch_independent():

@@ -19,10 +19,11 @@ import pytest
 
 from broadface_jax import checkpointing, cli, input_pipeline, sharding, train, train_step
 from broadface_jax.evaluation import embedding
+from tests.tiny_config import RUN_EMBED_DIM, tiny_config
 from tests.tiny_encoder import TinyEncoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EMBED_DIM = 8
+EMBED_DIM = RUN_EMBED_DIM
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,31 +31,6 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     return cli.config_from_file(REPO / "configs" / f"{name}.py", arg)
 
 
-def tiny_config(total_steps: int = 4) -> ml_collections.ConfigDict:
-    """BroadFace on 16x16 synthetic faces; 8 devices x 2 images; queue of 2 batches."""
-    c = load_config("default")
-    c.model.embedding_dim = EMBED_DIM
-    c.loss.s = 16.0
-    c.loss.m2 = 0.3
-    c.dataset.name = "synthetic"
-    c.dataset.synthetic.num_identities = 12
-    c.dataset.synthetic.heldout_identities = 6
-    c.dataset.synthetic.samples_per_identity = 4
-    c.num_classes = 12
-    c.image_size = 16
-    c.per_device_batch_size = 2
-    c.queue.size_per_device = 4
-    c.queue.chunk_size = 4
-    c.total_steps = total_steps
-    c.lr = 0.05
-    c.lr_boundaries = ()
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
-    c.keep_checkpoints = 10
-    c.eval_every_steps = 0
-    c.eval.targets = ()
-    c.eval.batch_size = 16
-    return c
 
 
 def tiny_model() -> nn.Module:

@@ -8,25 +8,13 @@ import optax
 import pytest
 
 from broadface_jax import losses, sharding, train_step
-from configs import default
+from tests.tiny_config import STEP_CLASSES, STEP_EMBED_DIM, STEP_IMAGE, tiny_config
 from tests.np_reference import (np_central_gradient, np_compensate, np_curricular_ce,
                                 np_margin_ce)
 from tests.tiny_encoder import TinyEncoder
 
-C, D, IMG = 11, 6, 8
+C, D, IMG = STEP_CLASSES, STEP_EMBED_DIM, STEP_IMAGE
 
-
-def tiny_config(per_device_batch=4, queue=8, chunk=4, compensate=True):
-    c = default.get_config()
-    c.num_classes = C
-    c.image_size = IMG
-    c.model.embedding_dim = D
-    c.per_device_batch_size = per_device_batch
-    c.queue.size_per_device = queue
-    c.queue.chunk_size = chunk
-    c.queue.compensate = compensate
-    c.lr = 0.05
-    return c
 
 
 def one_device_mesh(config):
@@ -60,7 +48,7 @@ def test_empty_queue_step_equals_plain_arcface_step():
     batch = random_batch(rng, 8)
     outs = []
     for capacity in (0, 16):
-        cfg = tiny_config(per_device_batch=8, queue=capacity, chunk=8)
+        cfg = tiny_config("step", per_device_batch_size=8, queue__size_per_device=capacity, queue__chunk_size=8)
         cfg.lr = 1e-3
         mesh = one_device_mesh(cfg)
         state, sh = train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(3), model=model)
@@ -111,7 +99,7 @@ def _np_eq9(W, emb, labels, q, compensate=True):
 def test_encoder_sees_batch_only_and_classifier_gradient_is_eq9(compensate):
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=6, queue=12, chunk=6, compensate=compensate)
+    cfg = tiny_config("step", per_device_batch_size=6, queue__size_per_device=12, queue__chunk_size=6, queue__compensate=compensate)
     # classifier: plain SGD with lr 1 so that W_new = W - dL/dW
     cfg.optimizer.classifier.momentum = 0.0
     cfg.optimizer.classifier.weight_decay = 0.0
@@ -167,7 +155,7 @@ def test_curricularface_broadface_step_matches_float64():
     """
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=6, queue=12, chunk=6)
+    cfg = tiny_config("step", per_device_batch_size=6, queue__size_per_device=12, queue__chunk_size=6)
     cfg.loss.name = "curricularface"
     cfg.loss.s, s, m = 32.0, 32.0, 0.5  # m2 unset: CurricularFace's default 0.5
     cfg.optimizer.classifier.momentum = 0.0  # W_new = W - dL/dW
@@ -221,7 +209,7 @@ def test_loss_state_and_applied_lr_resume_from_a_checkpoint(tmp_path):
 
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=4, queue=8, chunk=0)
+    cfg = tiny_config("step", per_device_batch_size=4, queue__size_per_device=8, queue__chunk_size=0)
     cfg.loss.name = "curricularface"
     cfg.lr_boundaries, cfg.lr_decay = (2,), 0.5  # the resumed step 2 must use lr/2
     mesh = one_device_mesh(cfg)
@@ -248,7 +236,7 @@ def test_loss_state_and_applied_lr_resume_from_a_checkpoint(tmp_path):
 def test_ring_buffer_through_the_step_compiles_once():
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=2, queue=4, chunk=2)
+    cfg = tiny_config("step", per_device_batch_size=2, queue__size_per_device=4, queue__chunk_size=2)
     mesh = sharding.make_mesh(cfg.mesh)  # 8 devices: global batch 16, queue 32
     state, sh = train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(0), model=model)
     pure = chex.assert_max_traces(train_step.build_train_step(cfg, model), n=1)
@@ -284,7 +272,7 @@ def test_eight_devices_match_one_device():
         b["label"] = (np.repeat(np.arange(8), 2) + 8 * rng.integers(0, 2, 16)).astype(np.int32)
         batches.append(b)
     for n_dev, per_dev, q in ((1, 16, 32), (8, 2, 4)):
-        cfg = tiny_config(per_device_batch=per_dev, queue=q, chunk=min(q, 8))
+        cfg = tiny_config("step", per_device_batch_size=per_dev, queue__size_per_device=q, queue__chunk_size=min(q, 8))
         cfg.num_classes = 16
         cfg.lr = 1e-3  # keeps W near its init scale, where float32 sums differ least
         mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:n_dev])
@@ -313,10 +301,10 @@ def test_eight_devices_match_one_device():
 
 
 def test_config_errors_name_the_field():
-    cfg = tiny_config(per_device_batch=3, queue=8)
+    cfg = tiny_config("step", per_device_batch_size=3, queue__size_per_device=8)
     mesh = one_device_mesh(cfg)
     with pytest.raises(ValueError, match="size_per_device"):
         train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(0), model=TinyEncoder())
-    cfg = tiny_config(per_device_batch=4, queue=8, chunk=3)
+    cfg = tiny_config("step", per_device_batch_size=4, queue__size_per_device=8, queue__chunk_size=3)
     with pytest.raises(ValueError, match="chunk_size"):
         train_step.create_train_state(cfg, mesh, jax.random.PRNGKey(0), model=TinyEncoder())
