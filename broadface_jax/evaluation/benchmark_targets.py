@@ -46,7 +46,7 @@ import numpy as np
 
 from broadface_jax.evaluation import embedding, identification, ijb, set_to_set, tar_far
 from broadface_jax.evaluation.common import EmbedFn
-from broadface_jax.evaluation.targets import REQUIRED, TargetType, register
+from broadface_jax.evaluation.registry import REQUIRED, TargetType, register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -187,7 +187,7 @@ class MegaFaceEvaluator:
 
 
 register("megaface", TargetType(
-    lambda name, c, o: MegaFaceEvaluator(name, c, o),
+    MegaFaceEvaluator,
     {"root": REQUIRED, "probe_list": "devkit/templatelists/facescrub_features_list.json",
      "distractor_list": "devkit/templatelists/megaface_features_list.json_1000000_1",
      "probe_dir": "facescrub_images", "distractor_dir": "megaface_images",
@@ -258,7 +258,7 @@ class YTFEvaluator:
 
 
 register("ytf", TargetType(
-    lambda name, c, o: YTFEvaluator(name, c, o),
+    YTFEvaluator,
     {"root": REQUIRED, "splits": "splits.txt", "frames_dir": "aligned_images_DB", "max_frames": 0,
      "center_crop": 1.0, "flip": True},
     positional="root", summary="YouTube Faces set-to-set verification (splits.txt, 10 folds)"))
