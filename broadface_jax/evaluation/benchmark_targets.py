@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from broadface_jax.evaluation import embedding, identification, ijb, set_to_set, tar_far
-from broadface_jax.evaluation.common import EmbedFn
+from broadface_jax.evaluation.common import EmbedFn, text_rows
 from broadface_jax.evaluation.registry import REQUIRED, TargetType, register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -198,21 +198,17 @@ register("megaface", TargetType(
 # ------------------------------------------------------------------ YTF
 def read_ytf_splits(path: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(first videos, second videos, issame bool[P], folds int[P]) of a YTF ``splits.txt``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"YTF splits file not found: {path}")
     a, b, same, folds = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = [x.strip() for x in line.split(",")]
-            if not line.strip() or not fields[0].isdigit():
-                continue  # blank lines and the header
-            if len(fields) < 5 or not fields[1].isdigit() or fields[4] not in ("0", "1"):
-                raise ValueError(f"{path}:{lineno}: expected 'split, pair, Name/video, Name/video, "
-                                 f"is_same(0/1)[, ...]', got {line.strip()!r}")
-            folds.append(int(fields[0]) - 1)
-            a.append(fields[2])
-            b.append(fields[3])
-            same.append(fields[4] == "1")
+    for lineno, fields, line in text_rows(path, "YTF splits file", sep=","):
+        if not fields[0].isdigit():
+            continue  # the header
+        if len(fields) < 5 or not fields[1].isdigit() or fields[4] not in ("0", "1"):
+            raise ValueError(f"{path}:{lineno}: expected 'split, pair, Name/video, Name/video, "
+                             f"is_same(0/1)[, ...]', got {line!r}")
+        folds.append(int(fields[0]) - 1)
+        a.append(fields[2])
+        b.append(fields[3])
+        same.append(fields[4] == "1")
     if not a:
         raise ValueError(f"{path}: no pairs")
     return a, b, np.asarray(same, bool), np.asarray(folds, np.int64)
