@@ -44,7 +44,8 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
                         progress: Any = None) -> tuple[int, dict[str, dict[str, float]]]:
     """Restores the encoder, runs ``targets``, writes ``<workdir>/eval`` outputs.
 
-    ``progress``: per-target progress reporting (``evaluation.run_targets``).
+    ``progress``: per-target progress reporting (``evaluation.run_targets``). The
+    targets' evaluators are this call's own (built from ``config``, then dropped).
 
     Returns:
       ``(step, {target: metrics})``.

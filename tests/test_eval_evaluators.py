@@ -100,7 +100,8 @@ def test_evaluators_keep_one_instance_per_target_and_config():
     first, second = evaluation.Evaluators(config), evaluation.Evaluators(config)
     assert first.get("synthetic") is first.get("synthetic")
     assert first.get("synthetic") is not second.get("synthetic")
-    assert evaluation.build_evaluator("synthetic", config) is not evaluation.build_evaluator("synthetic", config)
+    assert evaluation.build_evaluator("synthetic", config) is not evaluation.build_evaluator("synthetic",
+                                                                                          config)
 
 
 def _module_imports(path: pathlib.Path) -> set[str]:

@@ -16,8 +16,8 @@ Embedding (one path for every evaluator, shared across processes):
 
 Targets: one registry of types (:mod:`.registry`: resolving names, option
 checks, :class:`Evaluators` per run, ``run_targets``, the results table),
-filled by the modules that define the evaluators, each type registered below
-its class: :mod:`.face_targets` (LFW, CFP, synthetic, ``.bin``),
+filled by the modules that define the evaluators, each type registered in
+the module of its class: :mod:`.face_targets` (LFW, CFP, synthetic, ``.bin``),
 :mod:`.retrieval_targets` (Recall@K), :mod:`.benchmark_targets` (IJB,
 MegaFace, YTF); imported here, so the registry is full whenever the package
 is imported. The image cache of the face targets: :mod:`.cache`. A target is

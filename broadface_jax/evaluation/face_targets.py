@@ -1,6 +1,7 @@
 """The face-pair evaluation types: LFW, CFP, synthetic and ``.bin`` pairs, and LFW all-pairs TAR @ FAR.
 
-Registered here (:mod:`.registry`), each below its evaluator:
+Registered at the end of this module (:mod:`.registry`; two evaluator classes
+serve the six types, each type with its own loader):
 
 * ``lfw_dev``: LFW View 1 test pairs (``<data_root>/lfw/pairsDevTest.txt``;
   option ``data_root``, default ``config.eval.data_root``, as for the CFP and
@@ -298,7 +299,8 @@ def _bin_loader(config: Any, options: dict) -> Callable[[], PairData]:
 
 
 # ------------------------------------------------------------------ the types
-def _pairs(loader: Callable[..., Callable[[], PairData]], *args: Any) -> Callable[[str, Any, dict], PairVerificationEvaluator]:
+def _pairs(loader: Callable[..., Callable[[], PairData]], *args: Any
+           ) -> Callable[[str, Any, dict], PairVerificationEvaluator]:
     """A type's build: ``PairVerificationEvaluator`` over ``loader(config, options, *args)``."""
     return lambda name, config, o: PairVerificationEvaluator(name, loader(config, o, *args),
                                                              config.eval.batch_size)

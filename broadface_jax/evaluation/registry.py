@@ -11,11 +11,11 @@ A target is named in ``config.eval.targets`` (or ``broadface_jax.evaluate
   ``bin:agedb_30``, ``ijbc:/data/IJB_release/IJBC``, ``megaface:/data/megaface``.
 
 Types live in :data:`TYPES`. Each is registered by the module that defines
-its evaluator, right below the class (``register(name, TargetType(build,
-options, ...))``): the face-pair types in :mod:`.face_targets`, Recall@K in
-:mod:`.retrieval_targets`, IJB / MegaFace / YTF in :mod:`.benchmark_targets`;
-``broadface_jax.evaluation`` imports those modules, so importing anything of
-the package fills the registry. This module imports none of them.
+its evaluator (``register(name, TargetType(build, options, ...))``): the
+face-pair types in :mod:`.face_targets`, Recall@K in :mod:`.retrieval_targets`,
+IJB / MegaFace / YTF in :mod:`.benchmark_targets`; ``broadface_jax.evaluation``
+imports those modules, so importing anything of the package fills the
+registry. This module imports none of them.
 
 Adding an evaluator is one class and one ``register`` call in one module:
 ``__init__(name, config, options)`` (every option, defaults filled in) and
@@ -96,7 +96,7 @@ TYPES: dict[str, TargetType] = {}
 
 
 def register(type_name: str, target_type: TargetType) -> None:
-    """Adds an evaluation type; called by the module that defines its evaluator, below the class."""
+    """Adds an evaluation type; called by the module that defines its evaluator, on import."""
     if type_name in TYPES:
         raise ValueError(f"evaluation type {type_name!r} is already registered")
     TYPES[type_name] = target_type
