@@ -136,15 +136,15 @@ def _target_problems(config: Any) -> list[str]:
     The evaluation registry resolves them (no data is read); its messages name
     the entry and option at fault, with close matches.
     """
-    from broadface_jax.evaluation import targets  # light: NumPy only
+    from broadface_jax import evaluation  # light: NumPy only
 
     present, names = _field(config, "eval.targets")
     names = tuple(names) if present and _targets(names) is None else ()
-    found = targets.target_problems(config, names)
+    found = evaluation.target_problems(config, names)
     _, entries = _field(config, "evals")
     for name in (entries or {}):
         if name not in names:  # not run, but a typo in it is still an error
-            found += targets.target_problems(config, (name,))
+            found += evaluation.target_problems(config, (name,))
     return found
 
 

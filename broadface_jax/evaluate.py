@@ -20,7 +20,7 @@ progress bar on stderr (images embedded, rate, ETA) and a line with its time
 when done; third-party log lines are hidden unless ``--verbosity`` is given. A target is a ``config.evals`` entry's name, a
 type name (``lfw_dev``, ``synthetic``, ``sop``, ...) or ``<type>:<path>``
 (``bin:``, ``ijbb:``, ``ijbc:``, ``megaface:``, ``ytf:``, ``sop:`` ...): the
-registry of ``broadface_jax.evaluation.targets``, the same as in training.
+registry of ``broadface_jax.evaluation``, the same as in training.
 Every target is checked (type, options, close matches) before the
 checkpoint is loaded. With several processes each embeds its share of the
 images (``broadface_jax.evaluation.embedding``).
@@ -44,7 +44,8 @@ def evaluate_checkpoint(config: Any, workdir: str, targets: Sequence[str],
                         progress: Any = None) -> tuple[int, dict[str, dict[str, float]]]:
     """Restores the encoder, runs ``targets``, writes ``<workdir>/eval`` outputs.
 
-    ``progress``: per-target progress reporting (``evaluation.run_targets``).
+    ``progress``: per-target progress reporting (``evaluation.run_targets``). The
+    targets' evaluators are this call's own (built from ``config``, then dropped).
 
     Returns:
       ``(step, {target: metrics})``.
@@ -106,22 +107,22 @@ def main(argv: Sequence[str]) -> None:
     from broadface_jax import checkpointing, distributed
 
     if _CLEAR_CACHE.value:
-        from broadface_jax.evaluation import targets as targets_lib
+        from broadface_jax.evaluation import cache
 
         config = cli.load_config() if flags.FLAGS["config"].value is not None else None
-        print(targets_lib.clear_cache(config), flush=True)
+        print(cache.clear_cache(config), flush=True)
         return
     if not _WORKDIR.value:
         cli.fail("--workdir is required (the run to evaluate; results go to <workdir>/eval)",
                  cli.EXIT_USAGE)
     config = cli.load_config_for_run(_CHECKPOINT.value or _WORKDIR.value)
-    from broadface_jax.evaluation import targets as targets_lib
+    from broadface_jax import evaluation
 
     targets = _TARGETS.value if _TARGETS.value else list(config.eval.targets)
     if targets == ["list"]:
-        print(targets_lib.describe_types(), flush=True)
+        print(evaluation.describe_types(), flush=True)
         return
-    problems = targets_lib.target_problems(
+    problems = evaluation.target_problems(
         config, targets, "--targets" if _TARGETS.value else "config.eval.targets")
     if problems:
         cli.fail("\n".join(problems), cli.EXIT_USAGE)
@@ -134,7 +135,6 @@ def main(argv: Sequence[str]) -> None:
     input_pipeline.hide_gpus_from_tensorflow()  # image decoding beside JAX
     distributed.maybe_initialize()
 
-    from broadface_jax import evaluation
     from broadface_jax.evaluation import embedding
 
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Close-match hints for messages about a misspelt name: ``' (did you mean 'lfw_dev'?)'``.
 
 The one helper that config checks (``config_check``) and the evaluation
-registry (``evaluation.targets``) append to an "unknown name" message.
+registry (``evaluation.registry``) append to an "unknown name" message.
 """
 
 from __future__ import annotations

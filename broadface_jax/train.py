@@ -24,7 +24,8 @@ progress (steps/s, ETA, time in evaluation) and trace
 ``config.profile_steps`` steps for TensorBoard's profiler; parameter counts
 and the step's XLA FLOPs are logged once (:func:`log_model_size`).
 Checkpoints every ``checkpoint_every_steps`` and at the end; evaluation every
-``eval_every_steps`` and at the end, through ``evaluation.run_targets``.
+``eval_every_steps`` and at the end, through the run's ``evaluation.Evaluators``
+(each target's evaluator built once per run).
 ``config.num_classes = 0`` takes the class count from the data set's metadata.
 
 metrics.jsonl holds one record per logged step: a resume from step N first
@@ -806,10 +807,12 @@ class _Run:
         self.config, self.workdir, self.schedule = config, workdir, schedule
         self.mesh, self.model, self.state = mesh, model, state
         self.targets = tuple(config.eval.targets)
+        from broadface_jax import evaluation  # noqa: PLC0415
         from broadface_jax.evaluation import embedding  # noqa: PLC0415
 
         self._bind_embed = (embedding.make_uint8_embed_fn(config, mesh, model)
                             if self.targets else None)
+        self.evaluators = evaluation.Evaluators(config)  # this run's: built once, on first use
         self.final: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
         self.iterator: Any = None
@@ -879,9 +882,9 @@ class _Run:
         from broadface_jax.evaluation import embedding  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        self.eval_results = evaluation.run_targets(
+        self.eval_results = self.evaluators.run(
             self.targets, self._bind_embed(self.state.params["encoder"], self.state.batch_stats),
-            self.config, out_dir=os.path.join(self.workdir, EVAL_SUBDIR),
+            out_dir=os.path.join(self.workdir, EVAL_SUBDIR),
             progress=embedding.LogProgress)  # a log line per target, every 30 s while embedding
         self.write(step, _flatten_eval(self.eval_results))
         logging.info("step %d: evaluation (%.1f s)\n%s", step, time.perf_counter() - t0,

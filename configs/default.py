@@ -146,8 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Recall@K targets (sop, inshop, cub200, cars196): TFDS data_dir of their test splits
     # ("" = config.dataset.data_dir)
     c.eval.tfds_data_dir = ""
-    # Named targets with options, as big_vision's config.evals (broadface_jax/evaluation/
-    # targets.py lists each type's options), run when named in c.eval.targets, e.g.
+    # Named targets with options, as big_vision's config.evals (`python -m broadface_jax.evaluate
+    # --targets list` lists each type's options), run when named in c.eval.targets, e.g.
     #   c.evals.ijbc = dict(type="ijbc", root="/data/IJB_release/IJBC", use_face_scores=True)
     #   c.evals.megaface = dict(type="megaface", root="/data/megaface", ranks=(1, 10))
     c.evals = ml_collections.ConfigDict()

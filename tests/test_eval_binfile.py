@@ -218,7 +218,7 @@ def test_admitted_globals_are_the_loaders_own_functions(tmp_path):
 def test_ten_pair_bin_evaluates_on_balanced_folds(tmp_path, monkeypatch, caplog):
     """A valid 10-pair .bin (KFold(10): one pair per fold) runs as a target, VAL@FAR included."""
     from broadface_jax import evaluation
-    from broadface_jax.evaluation import targets, verification
+    from broadface_jax.evaluation import verification
 
     seed = int(np.random.default_rng().integers(1 << 31))
     rng = np.random.default_rng(seed)
@@ -228,7 +228,6 @@ def test_ten_pair_bin_evaluates_on_balanced_folds(tmp_path, monkeypatch, caplog)
     path = tmp_path / "ten.bin"
     binfile.write_bin(path, images, issame, image_format="png")
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
-    targets._EVALUATORS.clear()
     config = _eval_config(image_size=32)
 
     def embed(x):  # a fixed random projection of the mean-pooled image
@@ -236,11 +235,8 @@ def test_ten_pair_bin_evaluates_on_balanced_folds(tmp_path, monkeypatch, caplog)
         x = x.reshape(x.shape[0], -1)
         return (x @ np.random.default_rng(1).normal(size=(x.shape[1], 16))).astype(np.float32)
 
-    try:
-        with caplog.at_level("WARNING"):
-            metrics = evaluation.run_targets([f"bin:{path}"], embed, config)[f"bin:{path}"]
-    finally:
-        targets._EVALUATORS.clear()
+    with caplog.at_level("WARNING"):
+        metrics = evaluation.run_targets([f"bin:{path}"], embed, config)[f"bin:{path}"]
     assert str(path) in caplog.text and "using 5 balanced folds" in caplog.text
     feats = [(embed(images[i::2]) + embed(np.ascontiguousarray(images[i::2, :, ::-1]))).astype(np.float64)
              for i in (0, 1)]  # flip-and-sum in float32, as the evaluator

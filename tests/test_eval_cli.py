@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import pytest
 
-from broadface_jax import convert, evaluate, restore, sharding, train_step
-from broadface_jax.evaluation import targets, verification
+from broadface_jax import convert, evaluate, evaluation, restore, sharding, train_step
+from broadface_jax.evaluation import verification
 from tests import eval_folders
 from tests.test_train import load_config
 
@@ -32,7 +32,6 @@ RANKS = str(FIXTURES / "checkpoint_gpu_*.pt")
 
 def test_evaluate_checkpoint_on_entry_and_inline_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
-    targets._EVALUATORS.clear()
     config = load_config("demo", "smoke")
     config.eval.targets, config.eval.batch_size = ("ytf_small",), 8
     size = int(config.image_size)
@@ -74,7 +73,7 @@ def test_evaluate_checkpoint_on_entry_and_inline_targets(tmp_path, monkeypatch):
     assert results["ytf_small"]["threshold"] == pytest.approx(ref.best_threshold, abs=0.011)
 
     # evaluate's main checks every target before loading anything: a typo is a usage error.
-    problems = targets.target_problems(config, ["ytf_smal"])
+    problems = evaluation.target_problems(config, ["ytf_smal"])
     assert problems and "did you mean 'ytf_small'" in problems[0]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from broadface_jax import align, cli, evaluation
-from broadface_jax.evaluation import targets
+from broadface_jax.evaluation import face_targets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEED = 20261201
@@ -31,9 +31,6 @@ def _config(data_root):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
-    targets._EVALUATORS.clear()
-    yield
-    targets._EVALUATORS.clear()
 
 
 def test_all_pairs_scores_small_case():
@@ -41,7 +38,7 @@ def test_all_pairs_scores_small_case():
     f = rng.normal(size=(7, 5))
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     labels = np.array([0, 1, 0, 2, 1, 0, 3])
-    pos, neg = targets.all_pairs_scores(f, labels, block=3)
+    pos, neg = face_targets.all_pairs_scores(f, labels, block=3)
     want_pos = sorted(f[i] @ f[j] for i in range(7) for j in range(i + 1, 7) if labels[i] == labels[j])
     want_neg = sorted(f[i] @ f[j] for i in range(7) for j in range(i + 1, 7) if labels[i] != labels[j])
     np.testing.assert_allclose(np.sort(pos), want_pos, atol=1e-6)

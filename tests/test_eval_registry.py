@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from broadface_jax import align, config_check, evaluation
-from broadface_jax.evaluation import targets, verification
+from broadface_jax.evaluation import verification
 from tests import eval_folders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,9 +36,6 @@ def _config(**evals):
 @pytest.fixture(autouse=True)
 def _fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
-    targets._EVALUATORS.clear()
-    yield
-    targets._EVALUATORS.clear()
 
 
 def _seed() -> int:

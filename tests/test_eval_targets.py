@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from broadface_jax import cli, evaluation
-from broadface_jax.evaluation import binfile, targets, verification
+from broadface_jax.evaluation import binfile, face_targets, verification
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,9 +54,6 @@ class _RandomProjection:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BROADFACE_EVAL_CACHE", str(tmp_path / "cache"))
-    targets._EVALUATORS.clear()
-    yield
-    targets._EVALUATORS.clear()
 
 
 def _reference_metrics(embed, images_a, images_b, issame, folds):
@@ -121,9 +118,7 @@ def test_lfw_dev_end_to_end_and_disk_cache(shared_data, monkeypatch):
     _assert_close(metrics, _reference_metrics(embed, ia, ib, pairs.issame, pairs.folds))
     assert 0.5 < metrics["accuracy"] < 0.95  # pixels carry some identity signal; far from trained
 
-    # A new evaluator (fresh process memo) reads the .npz cache: alignment is never called.
-    targets._EVALUATORS.clear()
-
+    # A new evaluator (build_evaluator keeps nothing) reads the .npz cache: alignment is never called.
     def boom(*_):
         raise AssertionError("alignment ran although the cache exists")
 
@@ -196,10 +191,11 @@ def test_synthetic_target(tmp_path):
     config.dataset.synthetic.samples_per_identity = 4
     embed = _RandomProjection(int(np.random.default_rng().integers(1 << 31)))
     metrics = evaluation.build_evaluator("synthetic", config).run(embed)
-    a, b, issame = synthetic.verification_pairs(config, targets.SYNTHETIC_NUM_PAIRS,
-                                                config.seed + targets.SYNTHETIC_SEED_OFFSET)
+    a, b, issame = synthetic.verification_pairs(config, face_targets.SYNTHETIC_NUM_PAIRS,
+                                                config.seed + face_targets.SYNTHETIC_SEED_OFFSET)
     _assert_close(metrics, _reference_metrics(embed, a, b, issame, verification.balanced_fold_ids(issame)))
-    assert evaluation.build_evaluator("synthetic", config) is evaluation.build_evaluator("synthetic", config)
+    run = evaluation.Evaluators(config)  # a run keeps its evaluators (and their images)
+    assert run.get("synthetic") is run.get("synthetic")
 
 
 def test_bad_target_names_and_paths(tmp_path):

@@ -14,25 +14,37 @@ Protocols (pure NumPy on features; each module's docstring states its rules):
 Embedding (one path for every evaluator, shared across processes):
 :mod:`.embedding`.
 
-Targets, one registry of types (:mod:`.targets`, :mod:`.retrieval_targets`,
-:mod:`.benchmark_targets`): ``build_evaluator(target, config).run(embed_fn,
-out_dir=None)``, ``run_targets(targets, embed_fn, config, out_dir=None)`` and
-``format_table(results)``; a target is a ``config.evals`` entry's name, a type
-name or ``'<type>:<path>'`` (:func:`.targets.resolve_target`).
+Targets: one registry of types (:mod:`.registry`: resolving names, option
+checks, :class:`Evaluators` per run, ``run_targets``, the results table),
+filled by the modules that define the evaluators, each type registered in
+the module of its class: :mod:`.face_targets` (LFW, CFP, synthetic, ``.bin``),
+:mod:`.retrieval_targets` (Recall@K), :mod:`.benchmark_targets` (IJB,
+MegaFace, YTF); imported here, so the registry is full whenever the package
+is imported. The image cache of the face targets: :mod:`.cache`. A target is
+a ``config.evals`` entry's name, a type name or ``'<type>:<path>'``
+(:func:`.registry.resolve_target`).
 """
 
-from broadface_jax.evaluation.targets import (
+from broadface_jax.evaluation.registry import (
+    REQUIRED,
     TYPES,
     Evaluator,
+    Evaluators,
     TargetError,
     TargetSpec,
     TargetType,
     build_evaluator,
+    describe_types,
     format_table,
     register,
     resolve_target,
     run_targets,
+    target_problems,
 )
 
-__all__ = ["TYPES", "Evaluator", "TargetError", "TargetSpec", "TargetType", "build_evaluator",
-           "format_table", "register", "resolve_target", "run_targets"]
+# The target modules register their types on import (this order is the `--targets list` order).
+from broadface_jax.evaluation import face_targets, retrieval_targets, benchmark_targets  # noqa: E402,F401,I001
+
+__all__ = ["REQUIRED", "TYPES", "Evaluator", "Evaluators", "TargetError", "TargetSpec", "TargetType",
+           "build_evaluator", "describe_types", "format_table", "register", "resolve_target",
+           "run_targets", "target_problems"]

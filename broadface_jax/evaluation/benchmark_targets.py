@@ -45,8 +45,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from broadface_jax.evaluation import embedding, identification, ijb, set_to_set, tar_far
-from broadface_jax.evaluation.common import EmbedFn
-from broadface_jax.evaluation.targets import REQUIRED, TargetType, register
+from broadface_jax.evaluation.common import EmbedFn, text_rows
+from broadface_jax.evaluation.registry import REQUIRED, TargetType, register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -187,7 +187,7 @@ class MegaFaceEvaluator:
 
 
 register("megaface", TargetType(
-    lambda name, c, o: MegaFaceEvaluator(name, c, o),
+    MegaFaceEvaluator,
     {"root": REQUIRED, "probe_list": "devkit/templatelists/facescrub_features_list.json",
      "distractor_list": "devkit/templatelists/megaface_features_list.json_1000000_1",
      "probe_dir": "facescrub_images", "distractor_dir": "megaface_images",
@@ -198,21 +198,17 @@ register("megaface", TargetType(
 # ------------------------------------------------------------------ YTF
 def read_ytf_splits(path: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(first videos, second videos, issame bool[P], folds int[P]) of a YTF ``splits.txt``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"YTF splits file not found: {path}")
     a, b, same, folds = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = [x.strip() for x in line.split(",")]
-            if not line.strip() or not fields[0].isdigit():
-                continue  # blank lines and the header
-            if len(fields) < 5 or not fields[1].isdigit() or fields[4] not in ("0", "1"):
-                raise ValueError(f"{path}:{lineno}: expected 'split, pair, Name/video, Name/video, "
-                                 f"is_same(0/1)[, ...]', got {line.strip()!r}")
-            folds.append(int(fields[0]) - 1)
-            a.append(fields[2])
-            b.append(fields[3])
-            same.append(fields[4] == "1")
+    for lineno, fields, line in text_rows(path, "YTF splits file", sep=","):
+        if not fields[0].isdigit():
+            continue  # the header
+        if len(fields) < 5 or not fields[1].isdigit() or fields[4] not in ("0", "1"):
+            raise ValueError(f"{path}:{lineno}: expected 'split, pair, Name/video, Name/video, "
+                             f"is_same(0/1)[, ...]', got {line!r}")
+        folds.append(int(fields[0]) - 1)
+        a.append(fields[2])
+        b.append(fields[3])
+        same.append(fields[4] == "1")
     if not a:
         raise ValueError(f"{path}: no pairs")
     return a, b, np.asarray(same, bool), np.asarray(folds, np.int64)
@@ -258,7 +254,7 @@ class YTFEvaluator:
 
 
 register("ytf", TargetType(
-    lambda name, c, o: YTFEvaluator(name, c, o),
+    YTFEvaluator,
     {"root": REQUIRED, "splits": "splits.txt", "frames_dir": "aligned_images_DB", "max_frames": 0,
      "center_crop": 1.0, "flip": True},
     positional="root", summary="YouTube Faces set-to-set verification (splits.txt, 10 folds)"))

@@ -39,22 +39,16 @@ from typing import Sequence
 import numpy as np
 
 from broadface_jax.evaluation import embedding, tar_far
-from broadface_jax.evaluation.common import EmbedFn, l2_normalize
+from broadface_jax.evaluation.common import EmbedFn, l2_normalize, text_rows
 
 
 def _read_columns(path: str | os.PathLike, ncols: int, what: str) -> list[list[str]]:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"IJB {what} file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != ncols:
-                raise ValueError(f"{path}:{lineno}: expected {ncols} fields ({what}), got {len(fields)}: {line.strip()!r}")
-            rows.append(fields)
+    for lineno, fields, line in text_rows(path, f"IJB {what} file"):
+        if len(fields) != ncols:
+            raise ValueError(f"{path}:{lineno}: expected {ncols} fields ({what}), got {len(fields)}: {line!r}")
+        rows.append(fields)
     if not rows:
         raise ValueError(f"{path}: empty {what} file")
     return rows

@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from broadface_jax.evaluation.common import text_rows
+
 
 @dataclasses.dataclass(frozen=True)
 class PairList:
@@ -131,27 +133,21 @@ def read_lfw_pairs(pairs_path: str | os.PathLike, images_dir: str | os.PathLike 
 
 
 def _read_cfp_pair_list(path: str) -> dict[int, str]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CFP pair list not found: {path}")
     out: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'index path', got {line.strip()!r}")
-            try:
-                idx = int(fields[0])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: index {fields[0]!r} is not an integer") from None
-            if idx in out:
-                raise ValueError(f"{path}:{lineno}: index {idx} appears twice")
-            # Paths are written relative to Protocol/: '../Data/Images/001/frontal/01.jpg'.
-            rel = os.path.normpath(os.path.join("Protocol", fields[1])).replace(os.sep, "/")
-            if rel.startswith("../"):
-                raise ValueError(f"{path}:{lineno}: path {fields[1]!r} leaves the CFP folder")
-            out[idx] = rel
+    for lineno, fields, line in text_rows(path, "CFP pair list"):
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'index path', got {line!r}")
+        try:
+            idx = int(fields[0])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: index {fields[0]!r} is not an integer") from None
+        if idx in out:
+            raise ValueError(f"{path}:{lineno}: index {idx} appears twice")
+        # Paths are written relative to Protocol/: '../Data/Images/001/frontal/01.jpg'.
+        rel = os.path.normpath(os.path.join("Protocol", fields[1])).replace(os.sep, "/")
+        if rel.startswith("../"):
+            raise ValueError(f"{path}:{lineno}: path {fields[1]!r} leaves the CFP folder")
+        out[idx] = rel
     if not out:
         raise ValueError(f"{path}: empty pair list")
     return out
@@ -159,26 +155,19 @@ def _read_cfp_pair_list(path: str) -> dict[int, str]:
 
 def _read_cfp_split(path: str, list_a: dict[int, str], list_b: dict[int, str],
                     name_a: str, name_b: str) -> list[tuple[str, str]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CFP split file not found: {path}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split(",")
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'i,j', got {line!r}")
-            try:
-                i, j = int(fields[0]), int(fields[1])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: indices must be integers, got {line!r}") from None
-            if i not in list_a:
-                raise ValueError(f"{path}:{lineno}: index {i} is not in {name_a}")
-            if j not in list_b:
-                raise ValueError(f"{path}:{lineno}: index {j} is not in {name_b}")
-            pairs.append((list_a[i], list_b[j]))
+    for lineno, fields, line in text_rows(path, "CFP split file", sep=","):
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'i,j', got {line!r}")
+        try:
+            i, j = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: indices must be integers, got {line!r}") from None
+        if i not in list_a:
+            raise ValueError(f"{path}:{lineno}: index {i} is not in {name_a}")
+        if j not in list_b:
+            raise ValueError(f"{path}:{lineno}: index {j} is not in {name_b}")
+        pairs.append((list_a[i], list_b[j]))
     return pairs
 
 

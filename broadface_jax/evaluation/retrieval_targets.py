@@ -15,7 +15,9 @@ authors' release: resized to ``config.dataset.resize_to`` squared, centre
 rounded to uint8 and passed to the embed function, which normalises as in
 training. No flip. Recall@K by :func:`broadface_jax.evaluation.retrieval.recall_at_k`
 (cosine similarity; a query's own image never counts). Metrics:
-``recall@K`` in [0, 1] for each K of the protocol.
+``recall@K`` in [0, 1] for each K of the protocol. Each data set is an
+evaluation type (registered at the end of this module; options ``data_dir``,
+positional, "" = as above, and ``ks``, () = the protocol's).
 
 The images are decoded again at every evaluation (SOP's 60,502 test crops
 at 224x224 would be 9 GB of uint8, too much to keep); only the features
@@ -32,6 +34,7 @@ import numpy as np
 
 from broadface_jax.evaluation import embedding, retrieval
 from broadface_jax.evaluation.common import EmbedFn
+from broadface_jax.evaluation.registry import TargetType, register
 
 SOP_KS = (1, 10, 100, 1000)
 INSHOP_KS = (1, 10, 20, 30, 40, 50)
@@ -178,3 +181,16 @@ def build_evaluator(dataset: str, config: Any, data_dir: str = "", ks: tuple[int
     resize_to = config.dataset.get("resize_to", 256) if hasattr(config.dataset, "get") else 256
     return RecallEvaluator(name or dataset, TARGETS[dataset], data_dir or data_dir_of(config),
                            int(config.image_size), int(resize_to), int(config.eval.batch_size), ks)
+
+
+def _build(dataset: str):
+    def build(name: str, config: Any, o: dict) -> RecallEvaluator:
+        return build_evaluator(dataset, config, data_dir=o["data_dir"], ks=tuple(int(k) for k in o["ks"]),
+                               name=name)
+
+    return build
+
+
+for _ds in TARGETS:
+    register(_ds, TargetType(_build(_ds), {"data_dir": "", "ks": ()}, positional="data_dir",
+                             summary=f"Recall@K on the prepared {_ds} test split(s)"))
