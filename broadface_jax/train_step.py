@@ -148,12 +148,6 @@ def applied_lr(opt_state: Any) -> dict[str, jax.Array]:
     return out
 
 
-def moments(opt_state: Any) -> Any:
-    """The optimizer state without the injected hyperparameters and their counts:
-    the per-parameter statistics (momentum buffers, Adam moments and counts)."""
-    return jax.tree.map(lambda x: x.inner_state if _is_injected(x) else x, opt_state,
-                        is_leaf=_is_injected)
-
 
 def lr_metrics(config: Any, opt_state: Any) -> dict[str, jax.Array]:
     """``lr`` (the encoder's applied lr), plus ``lr_encoder`` / ``lr_classifier``

@@ -129,16 +129,6 @@ def test_threshold_interpolation_matches_scipy_slinear_semantics():
     assert verification.threshold_at_far(np.zeros(5), np.arange(5.0), 1e-3) == 0.0
 
 
-def test_interleaved_layout_equals_paired_arrays():
-    rng = np.random.default_rng()
-    emb1, emb2, issame = _planted_pairs(rng, 200)
-    inter = np.empty((400, emb1.shape[1]), np.float32)
-    inter[0::2], inter[1::2] = emb1, emb2
-    a = verification.evaluate_interleaved(inter, issame)
-    b = verification.evaluate_embeddings(emb1, emb2, issame)
-    assert a.accuracy == b.accuracy and a.val == b.val
-
-
 def test_val_needs_both_classes_per_fold():
     rng = np.random.default_rng()
     emb1, emb2, _ = _planted_pairs(rng, 100)

@@ -19,7 +19,7 @@ from PIL import Image
 from broadface_jax import align, convert, embed, export, restore, sharding, train
 from broadface_jax import train_step
 from broadface_jax.interop import InteropError
-from tests.test_train import load_config
+from tests.test_train import load_config, optimizer_moments
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "interop"
 REF = np.load(FIXTURES / "reference.npz")
@@ -58,7 +58,7 @@ def test_warm_start_from_pth_then_broadface_steps(tmp_path):
     assert rel_err(got, REF["r18s/y"]) <= 1e-5
     np.testing.assert_array_equal(state.params["classifier"]["kernel"], REF["r18s/softmax_rows"])
     assert int(state.step) == 0 and all(np.all(np.asarray(x) == 0)
-                                        for x in jax.tree.leaves(train_step.moments(state.opt_state)))
+                                        for x in jax.tree.leaves(optimizer_moments(state.opt_state)))
 
     # A plain backbone file has no rows: a clear error, or encoder only when asked.
     with pytest.raises(InteropError, match="r18s.pth' has no classifier rows.*init_classifier=False"):

@@ -283,14 +283,6 @@ def evaluate_embeddings(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray,
     return evaluate_distances(squared_distances(emb1, emb2), issame, folds, nfolds, far_target)
 
 
-def evaluate_interleaved(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                         far_target: float = DEFAULT_FAR_TARGET) -> VerificationResult:
-    """insightface's ``evaluate``: pairs are rows (0, 1), (2, 3), ... of ``embeddings``."""
-    embeddings = np.asarray(embeddings)
-    if embeddings.shape[0] != 2 * len(issame):
-        raise ValueError(f"{embeddings.shape[0]} embeddings for {len(issame)} pairs (need 2 per pair)")
-    return evaluate_embeddings(embeddings[0::2], embeddings[1::2], issame, None, nfolds, far_target)
-
 
 def plot_roc(result: VerificationResult, path: str | os.PathLike, title: str) -> str:
     """Writes the mean held-out ROC curve as a PNG (matplotlib, Agg backend); returns the path."""
