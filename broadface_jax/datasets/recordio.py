@@ -266,3 +266,34 @@ def image_label(header: IRHeader, where: str) -> int:
     if not np.isfinite(value) or value < 0 or value != int(value):
         raise RecordIOError(f"{where}: label {value} is not a non-negative integer")
     return int(value)
+
+
+def write_face_rec(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None,
+                   images: Sequence[tuple[float | Sequence[float], bytes]], *,
+                   num_classes: int | None = None, ids: Sequence[int] | None = None) -> int:
+    """Writes an insightface-layout `.rec` / `.idx` (module docstring) -> number of image records.
+
+    ``images``: ``(label, encoded image)`` per image record, keys ``1 ..
+    len(images)`` in order; a sequence label is stored as a float array (flag
+    > 0). Record 0 is the header; identity ``c``'s record (keys after the
+    images) holds the first and one-past-last key of the images labelled
+    ``c`` (0, 0 when none). ``ids``: the IRHeader ``id`` of each image record
+    (default its key). For tests, benchmarks and interoperability.
+    """
+    labels = [int(np.asarray(lbl, dtype=np.float64).ravel()[0]) for lbl, _ in images]
+    num_classes = num_classes if num_classes is not None else (max(labels) + 1 if labels else 0)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for key, label in enumerate(labels, start=1):
+        first.setdefault(label, key)
+        last[label] = key
+    n = len(images)
+    with IndexedRecordIOWriter(rec_path, idx_path) as w:
+        w.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + num_classes], 0, 0), b""))
+        for key, (label, data) in enumerate(images, start=1):
+            rec_id = key if ids is None else int(ids[key - 1])
+            w.write_idx(key, pack(IRHeader(0, label, rec_id, 0), data))
+        for c in range(num_classes):
+            span = [float(first[c]), float(last[c] + 1)] if c in first else [0.0, 0.0]
+            w.write_idx(n + 1 + c, pack(IRHeader(0, span, 0, 0), b""))
+    return n
