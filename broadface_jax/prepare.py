@@ -149,8 +149,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
 
     from broadface_jax import input_pipeline
 
+    from etils import epath
+
     input_pipeline.hide_gpus_from_tensorflow()
-    manual = pathlib.Path(manual_dir)
+    manual = epath.Path(manual_dir)  # a local folder, or gs://... for insightface_rec on Dataflow
     if not manual.is_dir():
         raise FileNotFoundError(f"--manual_dir {manual} is not a directory")
     if not any(manual.iterdir()):

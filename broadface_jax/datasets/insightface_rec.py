@@ -20,8 +20,9 @@ import tensorflow_datasets as tfds
 from broadface_jax.datasets import beam_split, common, recordio
 
 
-def read_property(path: pathlib.Path) -> int | None:
+def read_property(path) -> int | None:
     """insightface's `property` file ('num_classes,112,112') -> num_classes, if present."""
+    path = recordio.path(path)
     if not path.is_file():
         return None
     fields = path.read_text().strip().split(",")
@@ -34,10 +35,17 @@ def read_property(path: pathlib.Path) -> int | None:
 _READERS: dict[tuple, recordio.IndexedRecordIO] = {}
 
 
+def _stat(p: str) -> tuple:
+    if "://" in p:
+        st = recordio.path(p).stat()
+        return st.length, st.mtime
+    st = os.stat(p)
+    return st.st_size, st.st_mtime_ns
+
+
 def _open_cached(rec: str, idx: str) -> recordio.IndexedRecordIO:
     """One open reader per process for (rec, idx) as they are now (size and mtime in the key)."""
-    stats = tuple((s.st_size, s.st_mtime_ns) for s in (os.stat(rec), os.stat(idx)))
-    key = (rec, idx, stats)
+    key = (rec, idx, _stat(rec), _stat(idx))
     if key not in _READERS:
         close_cached()
         _READERS[key] = recordio.IndexedRecordIO(rec, idx)
@@ -102,7 +110,7 @@ class InsightfaceRec(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder)
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        root = pathlib.Path(dl_manager.manual_dir)
+        root = recordio.path(dl_manager.manual_dir)  # a local folder or gs://... (Dataflow)
         rec, idx = root / "train.rec", root / "train.idx"
         for p in (rec, idx):
             if not p.is_file():

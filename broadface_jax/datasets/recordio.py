@@ -134,13 +134,20 @@ def read_record(f: BinaryIO, offset: int, path: str | os.PathLike = "<stream>") 
         first = False
 
 
+def path(p: str | os.PathLike) -> "epath.Path":
+    """A local path or a URL such as ``gs://bucket/train.rec`` (etils.epath: what TFDS uses)."""
+    from etils import epath  # noqa: PLC0415
+
+    return epath.Path(p)
+
+
 def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
-    """Reads a `.idx` file -> {key: byte offset}."""
-    idx_path = pathlib.Path(idx_path)
+    """Reads a `.idx` file (local or ``gs://``...) -> {key: byte offset}."""
+    idx_path = path(idx_path)
     if not idx_path.is_file():
         raise FileNotFoundError(f"RecordIO index file not found: {idx_path}")
     index: dict[int, int] = {}
-    with open(idx_path, "r", encoding="ascii") as f:
+    with idx_path.open("r") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -156,20 +163,20 @@ def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
 
 
 class IndexedRecordIO:
-    """Random access to a `.rec` file through its `.idx` (reader only)."""
+    """Random access to a `.rec` file through its `.idx` (reader only; local or ``gs://``...)."""
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
-        self.rec_path = pathlib.Path(rec_path)
+        self.rec_path = path(rec_path)
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
-        self.idx_path = pathlib.Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        self.idx_path = path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
         self.index = read_index(self.idx_path)
-        self.size = self.rec_path.stat().st_size
+        self.size = self.rec_path.stat().length
         for key, offset in self.index.items():
             if not 0 <= offset < self.size:
                 raise RecordIOError(f"{self.idx_path}: key {key} points at offset {offset}, outside "
                                     f"{self.rec_path} ({self.size} bytes): truncated .rec?")
-        self._f = open(self.rec_path, "rb")
+        self._f = self.rec_path.open("rb")
 
     @property
     def keys(self) -> list[int]:
