@@ -186,14 +186,17 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
     return builder
 
 
-def write_skipped(builder) -> pathlib.Path | None:
+def write_skipped(builder):
     """``skipped.txt`` in the prepared data set's folder: one ``reason<TAB>file[<TAB>detail]``
-    line per file left out (from the metadata's ``skipped``); None when nothing was."""
+    line per file left out (from the metadata's ``skipped``); None when nothing was.
+    Returns its ``etils.epath.Path`` (data_dir may be ``gs://``...)."""
+    from etils import epath
+
     skipped = (builder.info.metadata or {}).get("skipped") or {}
     lines = [f"{reason}\t{entry}" for reason, entries in skipped.items() for entry in entries]
     if not lines:
         return None
-    path = pathlib.Path(builder.data_dir) / SKIPPED_FILE
+    path = epath.Path(builder.data_dir) / SKIPPED_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
