@@ -93,7 +93,8 @@ def beam_options(runner: str | None = None, workers: int | None = None,
     ``--key=value``, as ``tfds build --beam_pipeline_options``); its
     ``runner=`` and ``runner`` must agree when both are given. ``workers``
     needs the DirectRunner: 1 runs in this process (``in_memory``), more run
-    that many processes (``multi_processing``). Bad values raise ValueError
+    that many processes (``multi_processing``), whose own logs are kept to
+    CRITICAL unless ``default_sdk_harness_log_level`` is given. Bad values raise ValueError
     naming the flag; a missing apache-beam raises
     ``beam_split.BeamMissingError`` naming the extra.
     """
@@ -127,6 +128,10 @@ def beam_options(runner: str | None = None, workers: int | None = None,
             raise ValueError(f"--beam_workers must be >= 1, got {workers}")
         pairs += [("direct_num_workers", str(workers)),
                   ("direct_running_mode", "in_memory" if workers == 1 else "multi_processing")]
+        if not any(k == "default_sdk_harness_log_level" for k, _ in pairs):
+            # The worker processes would log every bundle at INFO and a failed one's traceback
+            # (~200 lines); its error comes back as prepare's one line anyway.
+            pairs.append(("default_sdk_harness_log_level", "CRITICAL"))
     beam = beam_split.import_beam()
     flags_list = [f"--{k}={v}" for k, v in pairs if k != "runner"] + [f"--runner={runner}"]
     return runner, beam.options.pipeline_options.PipelineOptions(flags=flags_list)

@@ -92,6 +92,22 @@ def test_beam_option_errors_name_the_flag():
     assert prepare.beam_options() is None
 
 
+@needs_beam
+def test_beam_options_for_direct_runner_workers():
+    runner, options = prepare.beam_options("DirectRunner", 3, "direct_running_mode=multi_processing")
+    opts = options.get_all_options()
+    assert runner == "DirectRunner" and opts["runner"] == "DirectRunner"
+    assert opts["direct_num_workers"] == 3 and opts["direct_running_mode"] == "multi_processing"
+    assert opts["default_sdk_harness_log_level"] == "CRITICAL"
+    _, options = prepare.beam_options("DirectRunner", 1, "default_sdk_harness_log_level=INFO")
+    opts = options.get_all_options()
+    assert opts["direct_running_mode"] == "in_memory" and opts["default_sdk_harness_log_level"] == "INFO"
+    runner, options = prepare.beam_options(
+        pipeline_options="runner=DataflowRunner,project=p,region=europe-west4,temp_location=gs://b/t")
+    opts = options.get_all_options()
+    assert runner == "DataflowRunner" and opts["project"] == "p" and opts["temp_location"] == "gs://b/t"
+
+
 def test_missing_beam_is_one_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # `import apache_beam` raises ImportError
     with pytest.raises(beam_split.BeamMissingError, match=r"pip install -e '\.\[beam\]'"):
