@@ -49,7 +49,13 @@ setup(
         # broadface_jax/export.py for why not jax2onnx / tf2onnx).
         # PyTorch is never needed: .pth files are read by broadface_jax.interop.torchfile.
         "interop": ["onnx>=1.17", "onnxruntime>=1.20"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "onnx>=1.17", "onnxruntime>=1.20"],
+        # test: also Beam, so that CI runs the Beam preparation tests (apache-beam 2.78 caps
+        # protobuf < 7 and pyarrow < 26: pip takes protobuf 6.33, which tensorflow 2.21
+        # (>= 6.31.1) and onnx accept, and pyarrow 25).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "onnx>=1.17", "onnxruntime>=1.20",
+                 "apache-beam>=2.78.0"],
+        # beam: `prepare --beam_runner` (docs/DATA.md). Floor = the version the tests ran with.
+        "beam": ["apache-beam>=2.78.0"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },

@@ -33,6 +33,21 @@ skipped, logged, listed in `<data_dir>/<dataset>/<version>/skipped.txt`
 (`reason<TAB>file<TAB>detail`, with the other files left out) and counted
 in the summary printed at the end. `--strict` stops at the first bad image
 instead, with one line naming it (exit 1).
+
+Apache Beam (insightface_rec, image_folder and the retrieval sets; needs
+`pip install -e '.[beam]'`): the image keys / files are read, checked and
+encoded in ranges by Beam workers, the same examples as without Beam.
+
+    # this machine, 8 worker processes
+    python -m broadface_jax.prepare --dataset insightface_rec --manual_dir /data/webface42m \
+        --data_dir /data/tfds --beam_runner=DirectRunner --beam_workers=8
+    # any runner: Beam's own options, comma-separated (docs/DATA.md: Dataflow, Flink, Spark)
+    python -m broadface_jax.prepare ... --beam_pipeline_options="runner=FlinkRunner,flink_master=host:8081,parallelism=64"
+
+A worker's error (truncated .rec, label out of range, with --strict a bad
+image) is reported as the same one line; a failed run leaves no prepared
+data set (TFDS writes into an `incomplete.*` folder and renames it at the end).
+See docs/DATA.md for the measured rates.
 """
 
 from __future__ import annotations
@@ -53,6 +68,16 @@ _CFP_NAMES = flags.DEFINE_string("cfp_names_file", None,
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set is already prepared.")
 _STRICT = flags.DEFINE_bool("strict", False, "image_folder / insightface_rec: stop at the first "
                             "image that does not decode instead of skipping and listing it.")
+_BEAM_RUNNER = flags.DEFINE_string(
+    "beam_runner", None, "Prepare with Apache Beam on this runner (e.g. DirectRunner: this machine; "
+    "needs the `beam` extra). Default: no Beam, one process.")
+_BEAM_WORKERS = flags.DEFINE_integer(
+    "beam_workers", None, "DirectRunner only: worker processes (direct_num_workers; 1 = in this "
+    "process, > 1 = multi_processing).")
+_BEAM_OPTIONS = flags.DEFINE_string(
+    "beam_pipeline_options", None, "Beam pipeline options as comma-separated key=value pairs, e.g. "
+    "'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp' (passed to TFDS's "
+    "DownloadConfig.beam_options).")
 _FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
                                  "Output format; training needs array_record (random access).")
 
@@ -60,21 +85,79 @@ _FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record",
 SKIPPED_FILE = "skipped.txt"
 
 
+def beam_options(runner: str | None = None, workers: int | None = None,
+                 pipeline_options: str | None = None):
+    """``(runner, PipelineOptions)`` for TFDS's DownloadConfig from the three flags; None without Beam.
+
+    ``pipeline_options`` is ``key=value[,key=value...]`` (each becomes
+    ``--key=value``, as ``tfds build --beam_pipeline_options``); its
+    ``runner=`` and ``runner`` must agree when both are given. ``workers``
+    needs the DirectRunner: 1 runs in this process (``in_memory``), more run
+    that many processes (``multi_processing``), whose own logs are kept to
+    CRITICAL unless ``default_sdk_harness_log_level`` is given. Bad values raise ValueError
+    naming the flag; a missing apache-beam raises
+    ``beam_split.BeamMissingError`` naming the extra.
+    """
+    from broadface_jax.datasets import beam_split
+
+    if runner is None and workers is None and not pipeline_options:
+        return None
+    pairs = []
+    for item in (pipeline_options or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ValueError(f"--beam_pipeline_options: expected key=value pairs separated by commas, "
+                             f"got {item!r}")
+        pairs.append((key, value.strip()))
+    runners = [v for k, v in pairs if k == "runner"]
+    if runner is not None and runners and runners[-1] != runner:
+        raise ValueError(f"--beam_runner={runner} but --beam_pipeline_options has runner={runners[-1]}")
+    runner = runner or (runners[-1] if runners else None)
+    if runner is None:
+        raise ValueError("--beam_pipeline_options without runner=...: name the runner there or "
+                         "with --beam_runner (e.g. DirectRunner)")
+    if workers is not None:
+        if runner not in ("DirectRunner", "direct"):
+            raise ValueError(f"--beam_workers applies to --beam_runner=DirectRunner, not {runner} "
+                             "(other runners take their own options, e.g. max_num_workers, parallelism)")
+        if workers < 1:
+            raise ValueError(f"--beam_workers must be >= 1, got {workers}")
+        pairs += [("direct_num_workers", str(workers)),
+                  ("direct_running_mode", "in_memory" if workers == 1 else "multi_processing")]
+        if not any(k == "default_sdk_harness_log_level" for k, _ in pairs):
+            # The worker processes would log every bundle at INFO and a failed one's traceback
+            # (~200 lines); its error comes back as prepare's one line anyway.
+            pairs.append(("default_sdk_harness_log_level", "CRITICAL"))
+    beam = beam_split.import_beam()
+    flags_list = [f"--{k}={v}" for k, v in pairs if k != "runner"] + [f"--runner={runner}"]
+    return runner, beam.options.pipeline_options.PipelineOptions(flags=flags_list)
+
+
 def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
             cfp_names_file: str | None = None, overwrite: bool = False,
-            file_format: str = "array_record", strict: bool = False):
+            file_format: str = "array_record", strict: bool = False,
+            beam_runner: str | None = None, beam_workers: int | None = None,
+            beam_pipeline_options: str | None = None):
     """Builds `dataset` from `manual_dir` into `data_dir`; returns the builder.
 
     Writes ``skipped.txt`` beside the prepared files when anything was left
     out (:func:`write_skipped`). ``strict``: the first bad image raises
     ``datasets.common.BadImageError`` (builders that check images only).
+    ``beam_*``: prepare as an Apache Beam pipeline (:func:`beam_options`;
+    builders based on ``datasets.beam_split.BeamSplitMixin`` only).
     """
     import tensorflow_datasets as tfds
 
     from broadface_jax import input_pipeline
 
+    from etils import epath
+
     input_pipeline.hide_gpus_from_tensorflow()
-    manual = pathlib.Path(manual_dir)
+    manual = epath.Path(manual_dir)  # a local folder, or gs://... for insightface_rec on Dataflow
     if not manual.is_dir():
         raise FileNotFoundError(f"--manual_dir {manual} is not a directory")
     if not any(manual.iterdir()):
@@ -89,23 +172,36 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None, *,
             raise ValueError(f"--strict applies to --dataset image_folder and insightface_rec, "
                              f"not {dataset}")
         kwargs["strict"] = True
+    from broadface_jax.datasets import beam_split
+
+    wants_beam = beam_runner is not None or beam_workers is not None or bool(beam_pipeline_options)
+    if wants_beam and not issubclass(datasets.builder_class(dataset), beam_split.BeamSplitMixin):
+        usable = [n for n in datasets.SHORT_NAMES
+                  if issubclass(datasets.builder_class(n), beam_split.BeamSplitMixin)]
+        raise ValueError(f"--beam_runner / --beam_pipeline_options apply to --dataset "
+                         f"{', '.join(usable)}, not {dataset}")
+    beam = beam_options(beam_runner, beam_workers, beam_pipeline_options)
     builder = datasets.get_builder(dataset, data_dir, **kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    runner, options = beam if beam is not None else (None, None)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(manual), download_mode=mode))
+        manual_dir=str(manual), download_mode=mode, beam_runner=runner, beam_options=options))
     write_skipped(builder)
     return builder
 
 
-def write_skipped(builder) -> pathlib.Path | None:
+def write_skipped(builder):
     """``skipped.txt`` in the prepared data set's folder: one ``reason<TAB>file[<TAB>detail]``
-    line per file left out (from the metadata's ``skipped``); None when nothing was."""
+    line per file left out (from the metadata's ``skipped``); None when nothing was.
+    Returns its ``etils.epath.Path`` (data_dir may be ``gs://``...)."""
+    from etils import epath
+
     skipped = (builder.info.metadata or {}).get("skipped") or {}
     lines = [f"{reason}\t{entry}" for reason, entries in skipped.items() for entry in entries]
     if not lines:
         return None
-    path = pathlib.Path(builder.data_dir) / SKIPPED_FILE
+    path = epath.Path(builder.data_dir) / SKIPPED_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -133,13 +229,17 @@ def summary(builder) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from broadface_jax.datasets import common
+    from broadface_jax.datasets import beam_split, common
 
     cli.quiet_third_party_logs()
     try:
         builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                           cfp_names_file=_CFP_NAMES.value, overwrite=_OVERWRITE.value,
-                          file_format=_FILE_FORMAT.value, strict=_STRICT.value)
+                          file_format=_FILE_FORMAT.value, strict=_STRICT.value,
+                          beam_runner=_BEAM_RUNNER.value, beam_workers=_BEAM_WORKERS.value,
+                          beam_pipeline_options=_BEAM_OPTIONS.value)
+    except beam_split.BeamMissingError as e:
+        cli.fail(str(e), cli.EXIT_USAGE)
     except common.BadImageError as e:  # --strict
         cli.fail(f"{' '.join(str(e).split())} (--strict: stopped at the first bad image; "
                  "without it bad images are skipped and listed)", 1)

@@ -11,16 +11,20 @@ JPEG data: ``common.face_jpeg``) are logged while preparing and recorded in
 the data set's metadata (`skipped`), which `broadface_jax.prepare` prints
 and writes to ``skipped.txt``. With ``strict=True`` the first bad image
 stops the preparation instead (``BadImageError`` naming the file).
+
+The file list is read in ranges (:mod:`broadface_jax.datasets.beam_split`):
+in this process, or by Beam workers when a runner is asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import tensorflow_datasets as tfds
 from absl import logging
 
-from broadface_jax.datasets import common
+from broadface_jax.datasets import beam_split, common
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -72,7 +76,25 @@ def list_identities(root: pathlib.Path, skipped: dict[str, list[str]] | None = N
     return out
 
 
-class FaceImageFolder(tfds.core.GeneratorBasedBuilder):
+@dataclasses.dataclass(frozen=True)
+class FileRangeReader:
+    """Reads, checks and encodes a range of ``(relative path, label, identity)`` files."""
+
+    root: str
+
+    def __call__(self, files):
+        root = pathlib.Path(self.root)
+        for rel, label, name in files:
+            path = root / rel
+            try:
+                jpeg = common.face_jpeg(path.read_bytes(), str(path))
+            except common.BadImageError as e:
+                yield beam_split.Skipped(rel, str(e))
+                continue
+            yield rel, common.example(jpeg, label, name, rel)
+
+
+class FaceImageFolder(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder):
     """Aligned face images, one folder per identity -> 112x112 JPEG faces + labels."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -102,15 +124,12 @@ class FaceImageFolder(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(root, identities)}
 
     def _generate_examples(self, root: pathlib.Path, identities):
-        bad = common.SkipList(self._strict)
-        for label, (name, files) in enumerate(identities):
-            for f in files:
-                rel = f.relative_to(root).as_posix()
-                try:
-                    jpeg = common.face_jpeg(f.read_bytes(), str(f))
-                except common.BadImageError as e:
-                    bad.skip(rel, e)
-                    continue
-                yield rel, common.example(jpeg, label, name, rel)
-        if bad.entries:  # saved with the data set's info once every split is written
-            self.info.metadata["skipped"]["bad_images"] = bad.names()
+        """Every image file: a generator, or a Beam transform when a runner is asked for."""
+        files = [(f.relative_to(root).as_posix(), label, name)
+                 for label, (name, paths) in enumerate(identities) for f in paths]
+        return self._examples("train", files, FileRangeReader(str(root)), strict=self._strict,
+                              on_skipped=self._set_skipped)
+
+    def _set_skipped(self, names: list[str]) -> None:
+        # saved with the data set's info once every split is written
+        self.info.metadata["skipped"]["bad_images"] = names

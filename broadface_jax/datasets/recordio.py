@@ -134,13 +134,20 @@ def read_record(f: BinaryIO, offset: int, path: str | os.PathLike = "<stream>") 
         first = False
 
 
+def path(p: str | os.PathLike) -> "epath.Path":
+    """A local path or a URL such as ``gs://bucket/train.rec`` (etils.epath: what TFDS uses)."""
+    from etils import epath  # noqa: PLC0415
+
+    return epath.Path(p)
+
+
 def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
-    """Reads a `.idx` file -> {key: byte offset}."""
-    idx_path = pathlib.Path(idx_path)
+    """Reads a `.idx` file (local or ``gs://``...) -> {key: byte offset}."""
+    idx_path = path(idx_path)
     if not idx_path.is_file():
         raise FileNotFoundError(f"RecordIO index file not found: {idx_path}")
     index: dict[int, int] = {}
-    with open(idx_path, "r", encoding="ascii") as f:
+    with idx_path.open("r") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -156,20 +163,20 @@ def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
 
 
 class IndexedRecordIO:
-    """Random access to a `.rec` file through its `.idx` (reader only)."""
+    """Random access to a `.rec` file through its `.idx` (reader only; local or ``gs://``...)."""
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
-        self.rec_path = pathlib.Path(rec_path)
+        self.rec_path = path(rec_path)
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
-        self.idx_path = pathlib.Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        self.idx_path = path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
         self.index = read_index(self.idx_path)
-        self.size = self.rec_path.stat().st_size
+        self.size = self.rec_path.stat().length
         for key, offset in self.index.items():
             if not 0 <= offset < self.size:
                 raise RecordIOError(f"{self.idx_path}: key {key} points at offset {offset}, outside "
                                     f"{self.rec_path} ({self.size} bytes): truncated .rec?")
-        self._f = open(self.rec_path, "rb")
+        self._f = self.rec_path.open("rb")
 
     @property
     def keys(self) -> list[int]:
@@ -266,3 +273,34 @@ def image_label(header: IRHeader, where: str) -> int:
     if not np.isfinite(value) or value < 0 or value != int(value):
         raise RecordIOError(f"{where}: label {value} is not a non-negative integer")
     return int(value)
+
+
+def write_face_rec(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None,
+                   images: Sequence[tuple[float | Sequence[float], bytes]], *,
+                   num_classes: int | None = None, ids: Sequence[int] | None = None) -> int:
+    """Writes an insightface-layout `.rec` / `.idx` (module docstring) -> number of image records.
+
+    ``images``: ``(label, encoded image)`` per image record, keys ``1 ..
+    len(images)`` in order; a sequence label is stored as a float array (flag
+    > 0). Record 0 is the header; identity ``c``'s record (keys after the
+    images) holds the first and one-past-last key of the images labelled
+    ``c`` (0, 0 when none). ``ids``: the IRHeader ``id`` of each image record
+    (default its key). For tests, benchmarks and interoperability.
+    """
+    labels = [int(np.asarray(lbl, dtype=np.float64).ravel()[0]) for lbl, _ in images]
+    num_classes = num_classes if num_classes is not None else (max(labels) + 1 if labels else 0)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for key, label in enumerate(labels, start=1):
+        first.setdefault(label, key)
+        last[label] = key
+    n = len(images)
+    with IndexedRecordIOWriter(rec_path, idx_path) as w:
+        w.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + num_classes], 0, 0), b""))
+        for key, (label, data) in enumerate(images, start=1):
+            rec_id = key if ids is None else int(ids[key - 1])
+            w.write_idx(key, pack(IRHeader(0, label, rec_id, 0), data))
+        for c in range(num_classes):
+            span = [float(first[c]), float(last[c] + 1)] if c in first else [0.0, 0.0]
+            w.write_idx(n + 1 + c, pack(IRHeader(0, span, 0, 0), b""))
+    return n

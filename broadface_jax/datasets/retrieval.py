@@ -32,6 +32,9 @@ item id, CUB folder name, Cars class name).
 Errors: a missing list file, a malformed line, an id outside its range, a
 missing or corrupt image raise an error naming the file (and the line of the
 list that refers to it).
+
+Each split's list is read in ranges (:mod:`broadface_jax.datasets.beam_split`):
+in this process, or by Beam workers when a runner is asked for.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from broadface_jax.datasets import common
+from broadface_jax.datasets import beam_split, common
 
 ALL_VS_ALL = "all_vs_all"
 QUERY_GALLERY = "query_gallery"
@@ -336,7 +339,24 @@ def retrieval_features() -> tfds.features.FeaturesDict:
     })
 
 
-class RetrievalBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
+@dataclasses.dataclass(frozen=True)
+class EntryRangeReader:
+    """Reads, checks and encodes a range of ``(Entry, label)`` of one split."""
+
+    name: str  # the data set's short name (error messages)
+    image_root: str
+
+    def __call__(self, entries):
+        for e, label in entries:
+            path = pathlib.Path(self.image_root) / e.file
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.name}: image {path} not found (listed at {e.where})")
+            jpeg = retrieval_jpeg(path.read_bytes(), f"{path} (listed at {e.where})")
+            yield e.file, {"image": jpeg, "label": label, "class_id": e.class_id,
+                           "image_id": e.image_id, "class_name": e.class_name, "file": e.file}
+
+
+class RetrievalBuilder(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder, abc.ABC):
     """Shared builder: ``read_listing(manual_dir)`` -> splits of encoded images + ids."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -364,13 +384,9 @@ class RetrievalBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         return {split: self._generate_examples(listing, split, labels[split]) for split in listing.splits}
 
     def _generate_examples(self, listing: Listing, split: str, labels: dict[int, int]):
-        for e in listing.splits[split]:
-            path = listing.image_root / e.file
-            if not path.is_file():
-                raise FileNotFoundError(f"{listing.name}: image {path} not found (listed at {e.where})")
-            jpeg = retrieval_jpeg(path.read_bytes(), f"{path} (listed at {e.where})")
-            yield e.file, {"image": jpeg, "label": labels[e.class_id], "class_id": e.class_id,
-                           "image_id": e.image_id, "class_name": e.class_name, "file": e.file}
+        """A split's images: a generator, or a Beam transform when a runner is asked for."""
+        entries = [(e, labels[e.class_id]) for e in listing.splits[split]]
+        return self._examples(split, entries, EntryRangeReader(listing.name, str(listing.image_root)))
 
 
 class SopRetrieval(RetrievalBuilder):
