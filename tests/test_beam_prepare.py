@@ -1,7 +1,7 @@
 """Data preparation as an Apache Beam pipeline (broadface_jax.datasets.beam_split, prepare --beam_*).
 
-The Beam tests need the optional `beam` extra (`pip install -e '.[beam]'`);
-without apache-beam they are skipped with that reason. The flag checks and the
+The Beam tests need apache-beam (the `beam` extra; `make test`'s `test` extra
+installs it too); without it they are skipped with that reason. The flag checks and the
 missing-extra error run either way.
 """
 
@@ -25,7 +25,7 @@ try:
 except ImportError:
     HAVE_BEAM = False
 needs_beam = pytest.mark.skipif(not HAVE_BEAM, reason="apache-beam not installed: the optional `beam` "
-                                "extra (pip install -e '.[beam]') is not part of `make test`'s install")
+                                "extra (pip install -e '.[beam]'; `make test` installs it)")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IDS = 9
