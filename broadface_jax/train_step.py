@@ -24,6 +24,11 @@ updated once per step from the batch.
 
 With an empty queue (capacity 0, or nothing valid yet) this is exactly a plain
 margin-softmax (ArcFace / CosFace / ...) step.
+
+With ``config.classifier.sample_rate < 1`` steps 2-3 score the batch and the
+queue against a per-shard sample of W's rows (`class_sampling`: the classes of
+the batch and of the queue, plus uniform negatives); W's gradient is zero
+outside it and the optimizer runs on the whole W, as PartialFC_V2's.
 """
 
 from __future__ import annotations
