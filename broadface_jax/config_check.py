@@ -257,6 +257,7 @@ def problems(config: Any) -> list[str]:
           "must be -1 (all devices not used by 'model') or an integer >= 1")
     check("mesh.model", _int_at_least(1))
     check("classifier_sharding", _one_of(CLASSIFIER_SHARDINGS))
+    check("classifier.sample_rate", _number(0, 1, lo_open=True))
 
     check("init_from", _string)
     check("init_classifier", _bool)

@@ -132,7 +132,9 @@ def fill(queue: QueueState) -> jax.Array:
 
 def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.Array,
                    loss, *, chunk_size: int, compensate_embeddings: bool = True,
-                   num_classes: int | None = None, loss_state=None):
+                   num_classes: int | None = None, loss_state=None,
+                   scored_labels: jax.Array | None = None,
+                   class_mask: jax.Array | None = None):
     """Sum of the per-example loss over the valid (compensated) queue rows, in chunks.
 
     This is the queue half of Eq. 9's numerator. The compensated embeddings are
@@ -160,13 +162,21 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
       num_classes: real class count when `kernel` has padding rows.
       loss_state: the loss's state for this step (stateful losses: the state
         already updated from the batch); not updated here.
+      scored_labels: i32[Q], with a sampled classifier (`class_sampling`):
+        each row's label as a row of `kernel_normalized` (the sampled rows),
+        -1 where the label was not sampled (that row is left out of the loss);
+        the stored labels still pick W_y from `kernel` for Eq. 7 and the drift.
+        None: `kernel_normalized` holds every class, scored by `queue.labels`.
+      class_mask: bool[rows of kernel_normalized], the real classes among them
+        (padding rows of a sampled classifier leave the softmax).
 
     Returns:
       (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
       over valid rows of cos(W⁻_j, W_{y_j}) between each stored row and the
       current classifier row of its label (classifier drift, from the same
       chunked gather of W_y as the compensation; the step's `queue_drift`
-      metric is drift_sum / n_valid), and the count of valid rows (float32).
+      metric is drift_sum / n_valid), and the count of valid rows scored
+      (float32; with `scored_labels`, the valid rows whose label was sampled).
       Only loss_sum carries a gradient.
     """
     s, ql = queue.num_shards, queue.shard_capacity
@@ -183,20 +193,24 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
         x = x.reshape((s, ql // chunk, chunk) + x.shape[2:])
         return jnp.swapaxes(x, 0, 1)
 
+    sampled = scored_labels is not None
+    if not sampled:
+        scored_labels = queue.labels
     rows = tuple(chunks(x) for x in (queue.embeddings, queue.weights, queue.labels,
-                                     queue.valid))
+                                     queue.valid, scored_labels))
     kernel_const = jax.lax.stop_gradient(kernel)
 
     def prepare(rows):
         """Compensated embeddings (data), labels, mask and summed drift of one chunk."""
-        emb, w_old, lab, val = (r.reshape((-1,) + r.shape[2:]) for r in rows)
+        emb, w_old, lab, val, lab_s = (r.reshape((-1,) + r.shape[2:]) for r in rows)
         w_cur = jnp.take(kernel_const, lab, axis=0)  # W_y (a cross-shard gather if W is sharded)
         e = compensate(emb, w_old, w_cur) if compensate_embeddings else emb
         drift = jnp.sum(losses.l2_normalize(w_old) * losses.l2_normalize(w_cur), axis=-1)
-        return e, lab, val, jnp.sum(jnp.where(val, drift, 0.0))
+        scored = (val & (lab_s >= 0)) if sampled else val
+        return e, lab_s, scored, jnp.sum(jnp.where(val, drift, 0.0))
 
     def chunk_loss(kn, e, lab, val):
-        per_row = loss.per_example(e, kn, lab, loss_state, num_classes)
+        per_row = loss.per_example(e, kn, lab, loss_state, num_classes, class_mask)
         return jnp.sum(jnp.where(val, per_row, 0.0))
 
     def scan_all(kn):
@@ -231,7 +245,8 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
 
     loss_sum, drift_sum = loss_and_drift(kernel_normalized)
     drift_sum = jax.lax.stop_gradient(drift_sum)
-    n_valid = jnp.sum(queue.valid.astype(jnp.float32))
+    scored = (queue.valid & (scored_labels >= 0)) if sampled else queue.valid
+    n_valid = jnp.sum(scored.astype(jnp.float32))
     return loss_sum, drift_sum, n_valid
 
 

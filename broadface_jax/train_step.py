@@ -24,6 +24,11 @@ updated once per step from the batch.
 
 With an empty queue (capacity 0, or nothing valid yet) this is exactly a plain
 margin-softmax (ArcFace / CosFace / ...) step.
+
+With ``config.classifier.sample_rate < 1`` steps 2-3 score the batch and the
+queue against a per-shard sample of W's rows (`class_sampling`: the classes of
+the batch and of the queue, plus uniform negatives); W's gradient is zero
+outside it and the optimizer runs on the whole W, as PartialFC_V2's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from broadface_jax import losses, queue as queue_lib, sharding
+from broadface_jax import class_sampling, losses, queue as queue_lib, sharding
 
 
 @flax.struct.dataclass
@@ -213,6 +218,14 @@ def validate_config(config: Any, mesh: Mesh) -> None:
             f"{chunk}) must divide config.queue.size_per_device={per_dev_q}")
     if int(config.num_classes) < 2:
         raise ValueError(f"config.num_classes={config.num_classes} must be >= 2")
+    rate = class_sampling.sample_rate(config)
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"config.classifier.sample_rate={rate:g} must be in (0, 1]")
+    n = sharding.classifier_shards(mesh, config.classifier_sharding)
+    found = class_sampling.problems(config, n, padded_num_classes(config, mesh) // n,
+                                    b * mesh.size)
+    if found:
+        raise ValueError(found[0])
 
 
 def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState]:
@@ -280,12 +293,29 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
     num_classes = int(config.num_classes)
     chunk = queue_chunk(config, mesh) if mesh is not None else int(config.queue.chunk_size)
     use_comp = bool(config.queue.compensate)
+    rate = class_sampling.sample_rate(config)
+    sampling = rate < 1.0  # 1.0: every class, today's step unchanged
+    n_shards = (sharding.classifier_shards(mesh, config.classifier_sharding)
+                if mesh is not None else 1)
+    shard_sh = None
+    if sampling and mesh is not None:
+        spec = sharding.classifier_spec(config.classifier_sharding)
+        shard_sh = jax.sharding.NamedSharding(mesh, spec) if spec else None
+
+    def sample_for(state: TrainState, labels: jax.Array) -> class_sampling.ClassSample:
+        rows_per_shard = state.params["classifier"]["kernel"].shape[0] // n_shards
+        return class_sampling.sample_classes(
+            class_sampling.step_key(state.rng, state.step), labels, state.queue.labels,
+            state.queue.valid, num_shards=n_shards, rows_per_shard=rows_per_shard,
+            sample_per_shard=class_sampling.sample_size(rate, rows_per_shard),
+            num_classes=num_classes, shard_sharding=shard_sh)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images, labels = batch["image"], batch["label"].astype(jnp.int32)
         bsz = labels.shape[0]
         q = state.queue
         dropout_rng = jax.random.fold_in(state.rng, state.step)
+        smp = sample_for(state, labels) if sampling else None
 
         def loss_fn(params):
             emb, new_vars = model.apply(
@@ -293,26 +323,36 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
                 images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
             emb = emb.astype(jnp.float32)
             kernel = params["classifier"]["kernel"]
-            kernel_n = losses.l2_normalize(kernel)
             n_valid = jnp.sum(q.valid.astype(jnp.float32))  # 0 for capacity 0
-            denom = bsz + n_valid
+            if sampling:  # score against the sampled rows only (class_sampling)
+                kernel_n = losses.l2_normalize(class_sampling.gather_rows(kernel, smp))
+                scored = dict(class_mask=smp.valid)
+                batch_labels = smp.position[labels]  # always sampled (validate_config)
+                q_labels = smp.position[q.labels]  # -1: class did not fit, row left out
+                n_scored = jnp.sum((q.valid & (q_labels >= 0)).astype(jnp.float32))
+                q_kw = dict(scored, scored_labels=q_labels, num_classes=None)
+                n_cls = None
+            else:
+                kernel_n = losses.l2_normalize(kernel)
+                scored, batch_labels, n_scored, n_cls = {}, labels, n_valid, num_classes
+                q_kw = dict(num_classes=num_classes)
+            denom = bsz + n_scored
             # Encoder sees d/de of mean over X (Eq. 8); classifier sees Eq. 9.
             emb_scaled = losses.scale_gradient(emb, denom / bsz)
             # A stateful loss updates its state from the batch; the queue uses the new one.
             batch_losses, loss_state = loss.batch(
-                emb_scaled, kernel_n, labels, state.loss_state, num_classes)
+                emb_scaled, kernel_n, batch_labels, state.loss_state, n_cls, **scored)
             if q.capacity:
                 q_sum, drift_sum, _ = queue_lib.queue_loss_sum(
                     q, kernel, kernel_n, loss, chunk_size=chunk,
-                    compensate_embeddings=use_comp, num_classes=num_classes,
-                    loss_state=loss_state)
+                    compensate_embeddings=use_comp, loss_state=loss_state, **q_kw)
             else:
                 q_sum = drift_sum = jnp.zeros((), jnp.float32)
             loss_cls = (jnp.sum(batch_losses) + q_sum) / denom
             aux = dict(emb=emb, batch_stats=new_vars["batch_stats"],
                        loss_encoder=jnp.mean(batch_losses),
                        queue_drift=drift_sum / jnp.maximum(n_valid, 1.0),
-                       queue_used=n_valid, loss_state=loss_state)
+                       queue_used=n_valid, queue_scored=n_scored, loss_state=loss_state)
             return loss_cls, aux
 
         (loss_cls, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -332,6 +372,13 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
             grad_norm_classifier=optax.tree.norm(grads["classifier"]),
             **{f"loss_state_{k}": v for k, v in aux["loss_state"].items()},
         )
+        if sampling:
+            metrics.update(
+                sample_rows_per_shard=jnp.float32(smp.local.shape[1]),
+                sample_positives_batch=smp.positives_batch,
+                sample_positives_queue=smp.positives_queue,
+                sample_positives_max_shard=smp.positives_max_shard,
+                sample_queue_dropped=aux["queue_used"] - aux["queue_scored"])
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=aux["batch_stats"], opt_state=opt_state,
                                   queue=new_queue, loss_state=aux["loss_state"])

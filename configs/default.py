@@ -106,6 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.model = 1  # > 1 shards the classifier over classes
     c.classifier_sharding = "replicated"  # replicated | model | all
 
+    # ---- class sampling (PartialFC-style; broadface_jax/class_sampling.py)
+    c.classifier = ml_collections.ConfigDict()
+    # 1.0 = every class each step. r < 1: per classifier shard, the classes of the global
+    # batch and of the valid queue rows plus uniform negatives, ceil(r * rows per shard)
+    # rows in all; the batch and the queue are scored against those rows only.
+    c.classifier.sample_rate = 1.0
+
     # ---- warm start (the paper starts BroadFace from an ArcFace-trained model)
     c.init_from = ""  # workdir or checkpoint dir of another run ("" = from scratch)
     c.init_classifier = True  # also load the classifier rows from init_from

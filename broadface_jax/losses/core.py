@@ -41,12 +41,20 @@ def cosines(embeddings: jax.Array, kernel_normalized: jax.Array, labels: jax.Arr
 
 
 def softmax_cross_entropy(logits: jax.Array, onehot: jax.Array,
-                          num_classes: int | None = None) -> jax.Array:
-    """Per-row -log softmax(logits) at the label; classes >= num_classes are padding."""
+                          num_classes: int | None = None,
+                          class_mask: jax.Array | None = None) -> jax.Array:
+    """Per-row -log softmax(logits) at the label; classes >= num_classes are padding.
+
+    ``class_mask`` (bool[C], optional) marks the real columns when the padding
+    is not a suffix (a sampled classifier: `class_sampling`); False columns
+    leave the softmax.
+    """
     target = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
     if num_classes is not None and num_classes < logits.shape[-1]:
         classes = jnp.arange(logits.shape[-1])
         logits = jnp.where(classes[None, :] < num_classes, logits, -jnp.inf)
+    if class_mask is not None:
+        logits = jnp.where(class_mask[None, :], logits, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1) - target
 
 
@@ -74,7 +82,8 @@ class Loss:
 
     def per_example(self, embeddings: jax.Array, kernel_normalized: jax.Array,
                     labels: jax.Array, state: Any = None,
-                    num_classes: int | None = None) -> jax.Array:
+                    num_classes: int | None = None,
+                    class_mask: jax.Array | None = None) -> jax.Array:
         """f32[N] losses of (unnormalised) embeddings under ``state`` (not updated).
 
         Args:
@@ -84,13 +93,15 @@ class Loss:
           state: the loss state to score with (``{}``/None when stateless).
           num_classes: the real class count when ``kernel_normalized`` has
             padding rows (class-sharded classifiers); they leave the softmax.
+          class_mask: bool[C], the real rows of a sampled classifier (others
+            leave the softmax); None: all rows below ``num_classes``.
         """
         cos, onehot, cos_y = cosines(embeddings, kernel_normalized, labels)
-        return self._xent(cos, onehot, cos_y, state, num_classes)
+        return self._xent(cos, onehot, cos_y, state, num_classes, class_mask)
 
     def batch(self, embeddings: jax.Array, kernel_normalized: jax.Array,
-              labels: jax.Array, state: Any = None, num_classes: int | None = None
-              ) -> tuple[jax.Array, Any]:
+              labels: jax.Array, state: Any = None, num_classes: int | None = None,
+              class_mask: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """(f32[N] losses, new state) for the step's batch.
 
         A stateful loss first updates its state from this batch's target
@@ -102,12 +113,12 @@ class Loss:
         if self.update_state_fn is not None:
             state = jax.lax.stop_gradient(
                 self.update_state_fn(state, jax.lax.stop_gradient(cos_y)))
-        return self._xent(cos, onehot, cos_y, state, num_classes), state
+        return self._xent(cos, onehot, cos_y, state, num_classes, class_mask), state
 
-    def _xent(self, cos, onehot, cos_y, state, num_classes):
+    def _xent(self, cos, onehot, cos_y, state, num_classes, class_mask=None):
         logits = self.logits_fn(cos, onehot, cos_y, {} if state is None else state,
                                 **self.params)
-        return softmax_cross_entropy(logits, onehot, num_classes)
+        return softmax_cross_entropy(logits, onehot, num_classes, class_mask)
 
 
 @functools.lru_cache(maxsize=None)
