@@ -12,7 +12,8 @@ import pytest
 
 from broadface_jax import class_sampling, config_check, sharding, train_step
 from tests.np_reference import np_compensate, np_curricular_ce, np_margin_ce
-from tests.test_train_step import D, IMG, host, tiny_config
+from tests.test_train_step import D, IMG, host
+from tests.tiny_config import tiny_config
 from tests.tiny_encoder import TinyEncoder
 
 # Tolerances of the float32 step against float64 NumPy: 200 data seeds per case through
@@ -108,7 +109,7 @@ def test_same_key_same_sample_other_step_other_sample():
 
 
 def test_bad_rate_and_too_small_sample_are_config_errors():
-    cfg = tiny_config(per_device_batch=8, queue=16, chunk=8)
+    cfg = tiny_config("step", per_device_batch_size=8, queue__size_per_device=16, queue__chunk_size=8)
     for bad in (0.0, -0.1, 1.5):
         cfg.classifier.sample_rate = bad
         found = [p for p in config_check.problems(cfg) if "sample_rate" in p]
@@ -141,8 +142,8 @@ def test_rate_one_is_todays_step():
     """
     rng = np.random.default_rng()
     model = TinyEncoder(embedding_dim=D)
-    cfg = tiny_config(per_device_batch=4, queue=8, chunk=4)
-    old = tiny_config(per_device_batch=4, queue=8, chunk=4)
+    cfg = tiny_config("step", per_device_batch_size=4, queue__size_per_device=8, queue__chunk_size=4)
+    old = tiny_config("step", per_device_batch_size=4, queue__size_per_device=8, queue__chunk_size=4)
     with old.unlocked():
         del old["classifier"]  # a config.json written before class sampling
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -175,7 +176,7 @@ CASES = {
 @functools.lru_cache(maxsize=None)
 def _sampled_step(case: str):
     devices, mode, loss_name, b, q, num_classes, rate = CASES[case]
-    cfg = tiny_config(per_device_batch=b, queue=q, chunk=2 if devices > 1 else 8)
+    cfg = tiny_config("step", per_device_batch_size=b, queue__size_per_device=q, queue__chunk_size=2 if devices > 1 else 8)
     cfg.num_classes = num_classes
     cfg.classifier.sample_rate = rate
     cfg.classifier_sharding = mode
