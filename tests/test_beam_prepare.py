@@ -5,7 +5,6 @@ installs it too); without it they are skipped with that reason. The flag checks 
 missing-extra error run either way.
 """
 
-import io
 import itertools
 import os
 import pathlib
@@ -18,6 +17,8 @@ from PIL import Image
 
 from broadface_jax import prepare
 from broadface_jax.datasets import beam_split, common, recordio
+from tests.test_datasets import _jpeg
+from tests.test_datasets import _smooth_image as _smooth
 
 try:
     import apache_beam  # noqa: F401
@@ -30,16 +31,6 @@ needs_beam = pytest.mark.skipif(not HAVE_BEAM, reason="apache-beam not installed
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IDS = 9
 
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _smooth(rng, h: int, w: int) -> np.ndarray:
-    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def _write_rec(root: pathlib.Path, n: int, rng, bad_keys=(), corrupt_key=None) -> dict[int, int]:
