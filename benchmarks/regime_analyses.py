@@ -54,8 +54,8 @@ seed (the end-to-end test, ``tests/test_regime_analyses.py``).
 ``--protocol e2`` (``e2_protocol``): E2, the same protocol on paper-matched synthetic
 identities (3,008 x 30 at 32x32, batch 16: T_visit = 188), as run (docs/ANALYSES.md,
 Part 2, "E2 as run"): stage 1 stops at the first 500-step check with train top-1 >= 0.7
-(at most 6,000 steps of 64), stage 2 of 3,000 steps, arms A, B, D per seed and K after
-them, the outcome held-out pair accuracy on 3,000 fixed pairs of 500 unseen identities,
+(at most 2,000 steps of 64), stage 2 of 1,500 steps, arms A and B per seed, then D and
+then K for every seed, the outcome held-out pair accuracy on 3,000 fixed pairs of 500 unseen identities,
 the mechanism and regime on 4 images of every class. ``--quick --protocol e2``: its
 code paths at ``--quick``'s sizes.
 """
@@ -160,24 +160,25 @@ def e2_protocol(seeds: int = 3) -> Protocol:
 
     The written protocol's sizes (3,008 identities x 30 images at 32x32, batch 16: T_visit
     = 188; IResNet-18 x0.125, 128-d; queues of 64 / 256 steps, pre-filled; the lr rule,
-    metrics and reading of E1), shrunk to the measured CPU budget: stage 2 of 3,000 steps
-    (x0.1 at 1,875 / 2,625: the written 6,000 / 3,750 / 5,250 halved, the high-lr phase
-    still inside one epoch), arms A, B, D per seed (K after every seed of those, if time
-    allows; C not run), the mechanism and regime measured on 4 images of every class.
+    metrics and reading of E1), shrunk to the measured CPU budget: stage 1 capped at 2,000
+    steps, stage 2 of 1,500 steps (x0.1 at 938 / 1,312: the written 6,000 / 3,750 / 5,250
+    scaled by 1/4, the high-lr phase inside one epoch), arms A and B per seed, then D and
+    then K for every seed, as time allows (C not run), the mechanism and regime measured on
+    4 images of every class.
     """
     return Protocol(
         name="e2", synthetic=True, image_size=32, width=0.125, embedding_dim=128, margin=0.3,
-        s1_batch=64, s1_recipe_steps=10000, s1_stop=6000, s1_lr=0.1,
-        batch=16, steps=3000, eval_every=1000, checkpoint_every=250,
+        s1_batch=64, s1_recipe_steps=10000, s1_stop=2000, s1_lr=0.1,
+        batch=16, steps=1500, eval_every=500, checkpoint_every=125,
         lr_candidates=(5e-3, 1e-2, 2e-2), lr_extra=(5e-2, 1e-1), s_min=0.5,
-        probe_steps=400, probe_seed=1, t_visit=188, anchor=750,
+        probe_steps=400, probe_seed=1, t_visit=188, anchor=375,
         lags=(1, 8, 64, 188, 256), check_offset=250,
         window_b=64, window_c=256, k_window=64, seeds=tuple(range(1, seeds + 1)),
         curve_targets=("heldout",), final_targets=("heldout",),
         staleness_edges=(0, 16, 64, 128, 188, 376), num_classes=3008,
         samples_per_identity=30, heldout_identities=500, eval_pairs=3000, eval_seed=7919,
         s1_target_top1=0.7, s1_check_every=500, measure_per_class=4,
-        arm_names=("A", "B", "D"), later_arms=("K",))
+        arm_names=("A", "B"), later_arms=("D", "K"))
 
 
 def quick_e2_protocol() -> Protocol:
@@ -186,8 +187,8 @@ def quick_e2_protocol() -> Protocol:
     return dataclasses.replace(
         quick_protocol(), name="quick_e2", s1_recipe_steps=24, s1_stop=12,
         samples_per_identity=6, heldout_identities=10, eval_pairs=40, eval_seed=7919,
-        s1_target_top1=0.2, s1_check_every=4, measure_per_class=3, curve_targets=("heldout",),
-        final_targets=("heldout",), arm_names=("A", "B", "D"), later_arms=("K",))
+        s1_target_top1=0.09, s1_check_every=4, measure_per_class=3, curve_targets=("heldout",),
+        final_targets=("heldout",), arm_names=("A", "B"), later_arms=("D", "K"))
 
 
 @dataclasses.dataclass(frozen=True)
