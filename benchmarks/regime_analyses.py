@@ -792,6 +792,7 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     metrics = metrics_of(p)
     primary = primary_of(p)
     summary["metric_keys"] = [f"{t}/{m}" for t, m in metrics]
+    summary["primary_keys"] = [f"{t}/{m}" for t, m in primary]
     for arm, seeds in sorted(by_arm.items()):
         row: dict[str, Any] = {"seeds": sorted(seeds), "text": ARM_TEXT[arm]}
         for t, m in metrics:
@@ -828,12 +829,16 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     def fin(t, m):
         return lambda r: pa.final_value(r, t, m)
 
+    comparisons = [("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
+                   ("C", "B", +1, "a longer queue helps (C >= B)"),
+                   ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
+                   ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
+                   ("K", "A", 0, "smoothing W alone (K vs A; no claim)")]
+    if "C" not in p.arm_names + p.later_arms:  # E2 as run: D is only described
+        comparisons += [("D", "A", 0, "a 256-step queue without compensation vs ArcFace (no claim)"),
+                        ("D", "B", 0, "256 steps without compensation vs 64 with (no claim)")]
     for t, m in metrics:
-        for a, b, sign, claim in (("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
-                                  ("C", "B", +1, "a longer queue helps (C >= B)"),
-                                  ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
-                                  ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
-                                  ("K", "A", 0, "smoothing W alone (K vs A; no claim)")):
+        for a, b, sign, claim in comparisons:
             pi = _paired(by_arm, a, b, fin(t, m))
             summary["claims"].append(dict(claim=claim, compare=f"{a} - {b}", metric=f"{t}/{m}",
                                           primary=(t, m) in primary, result=pi,
@@ -866,6 +871,10 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
             note="the comparison counts only if S_ok and staleness_grows (pre-registered)")
         summary["reading"]["counts"] = summary["reading"]["S_ok"] and summary["reading"]["staleness_grows"]
     return summary
+
+
+def _count_text(n: int) -> str:
+    return "One primary outcome" if n == 1 else "Two primary outcomes" if n == 2 else f"{n} primary outcomes"
 
 
 def _fmt(pi, scale=1.0, digits=3, kind="f"):
@@ -956,7 +965,8 @@ def summary_markdown(s: dict) -> str:
                   f"staleness grows with time since the last visit: {rd['staleness_grows']}; the "
                   f"comparison {'counts' if rd['counts'] else 'does NOT count'} (pre-registered rule).", ""]
     lines += ["### Claims (paired by seed, mean [95% t interval]; TAR as fractions, accuracy in points)", "",
-              "Two primary outcomes and several claims, no multiplicity correction; with n "
+              f"{_count_text(sum(1 for k in s.get('metric_keys', []) if k in s.get('primary_keys', [])) or 2)} "
+              "and several claims, no multiplicity correction; with n "
               "seeds the t interval has n - 1 degrees of freedom (n = 2: t = 12.7).", "",
               "| claim | comparison | metric | primary | paired difference | verdict |",
               "|---|---|---|---|---|---|"]

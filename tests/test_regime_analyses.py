@@ -125,5 +125,11 @@ def test_quick_e2_protocol_end_to_end(tmp_path):
     assert runs["s2_D_seed1"]["queue"] == p.window_c * p.batch and not runs["s2_D_seed1"]["compensate"]
     assert s["metric_keys"] == ["heldout/accuracy", "heldout/val@far=1e-3"]
     assert any(c["compare"] == "B - A" and c["primary"] for c in s["claims"])
+    # C is not run: D is described against A and B (no claim), with the seeds they share
+    d_a = [c for c in s["claims"] if c["compare"] == "D - A" and c["metric"] == "heldout/accuracy"]
+    assert len(d_a) == 1 and d_a[0]["verdict"] == "(descriptive)"
+    acc = {a: runs[f"s2_{a}_seed1"]["final"]["heldout"]["accuracy"] for a in ("A", "D")}
+    assert d_a[0]["result"]["diff"] == pytest.approx(acc["D"] - acc["A"])
+    assert "One primary outcome" in (out / "summary.md").read_text()
     assert "e1_staleness.png" in s["figures"] and (out / "summary.md").read_text().startswith(
         "## QUICK_E2 summary")
