@@ -50,6 +50,14 @@ E1 is one command (docs/ANALYSES.md, Part 2).
 
 ``--quick``: synthetic identities, a two-layer encoder, a few steps, one
 seed (the end-to-end test, ``tests/test_regime_analyses.py``).
+
+``--protocol e2`` (``e2_protocol``): E2, the same protocol on paper-matched synthetic
+identities (3,008 x 30 at 32x32, batch 16: T_visit = 188), as run (docs/ANALYSES.md,
+Part 2, "E2 as run"): stage 1 stops at the first 500-step check with train top-1 >= 0.7
+(at most 2,000 steps of 64), stage 2 of 1,500 steps, arms A and B per seed, then D and
+then K for every seed, the outcome held-out pair accuracy on 3,000 fixed pairs of 500 unseen identities,
+the mechanism and regime on 4 images of every class. ``--quick --protocol e2``: its
+code paths at ``--quick``'s sizes.
 """
 
 from __future__ import annotations
@@ -107,6 +115,17 @@ class Protocol:
     final_targets: tuple[str, ...]
     staleness_edges: tuple[int, ...]
     num_classes: int
+    # E2 (synthetic, paper-matched) settings; the defaults are E1's / --quick's
+    tiny_model: bool = False  # --quick's two-layer encoder instead of IResNet-18
+    samples_per_identity: int = 4  # synthetic only
+    heldout_identities: int = 8  # synthetic only
+    eval_pairs: int = 0  # > 0: the synthetic target 'heldout' with this many pairs, fixed seed
+    eval_seed: int = 7919
+    s1_target_top1: float = 0.0  # > 0: stage 1 stops at the first check with train top-1 >= this
+    s1_check_every: int = 0  # stage-1 checks (steps) when s1_target_top1 > 0; s1_stop = the cap
+    measure_per_class: int = 0  # > 0: the mechanism / regime embed this many images per class
+    arm_names: tuple[str, ...] = ("A", "K", "B", "C", "D")  # run in this order per seed
+    later_arms: tuple[str, ...] = ()  # run after every seed of arm_names (if time allows)
 
 
 def full_protocol(seeds: int = 3) -> Protocol:
@@ -133,7 +152,43 @@ def quick_protocol() -> Protocol:
         lags=(1, 2, 4), check_offset=4,
         window_b=2, window_c=4, k_window=2, seeds=(1,),
         curve_targets=("synthetic",), final_targets=("synthetic",),
-        staleness_edges=(0, 2, 4), num_classes=16)
+        staleness_edges=(0, 2, 4), num_classes=16, tiny_model=True)
+
+
+def e2_protocol(seeds: int = 3) -> Protocol:
+    """E2, paper-matched synthetic identities, as run (docs/ANALYSES.md, Part 2, "E2 as run").
+
+    The written protocol's sizes (3,008 identities x 30 images at 32x32, batch 16: T_visit
+    = 188; IResNet-18 x0.125, 128-d; queues of 64 / 256 steps, pre-filled; the lr rule,
+    metrics and reading of E1), shrunk to the measured CPU budget: stage 1 capped at 2,000
+    steps, stage 2 of 1,500 steps (x0.1 at 938 / 1,312: the written 6,000 / 3,750 / 5,250
+    scaled by 1/4, the high-lr phase inside one epoch), arms A and B per seed, then D and
+    then K for every seed, as time allows (C not run), the mechanism and regime measured on
+    4 images of every class.
+    """
+    return Protocol(
+        name="e2", synthetic=True, image_size=32, width=0.125, embedding_dim=128, margin=0.3,
+        s1_batch=64, s1_recipe_steps=10000, s1_stop=2000, s1_lr=0.1,
+        batch=16, steps=1500, eval_every=500, checkpoint_every=125,
+        lr_candidates=(5e-3, 1e-2, 2e-2), lr_extra=(5e-2, 1e-1), s_min=0.5,
+        probe_steps=400, probe_seed=1, t_visit=188, anchor=375,
+        lags=(1, 8, 64, 188, 256), check_offset=250,
+        window_b=64, window_c=256, k_window=64, seeds=tuple(range(1, seeds + 1)),
+        curve_targets=("heldout",), final_targets=("heldout",),
+        staleness_edges=(0, 16, 64, 128, 188, 376), num_classes=3008,
+        samples_per_identity=30, heldout_identities=500, eval_pairs=3000, eval_seed=7919,
+        s1_target_top1=0.7, s1_check_every=500, measure_per_class=4,
+        arm_names=("A", "B"), later_arms=("D", "K"))
+
+
+def quick_e2_protocol() -> Protocol:
+    """--quick --protocol e2: E2's code paths (stage 1 to a train top-1, the measured
+    subset, the fixed held-out pairs, per-seed and later arms) at --quick's sizes."""
+    return dataclasses.replace(
+        quick_protocol(), name="quick_e2", s1_recipe_steps=24, s1_stop=12,
+        samples_per_identity=6, heldout_identities=10, eval_pairs=40, eval_seed=7919,
+        s1_target_top1=0.09, s1_check_every=4, measure_per_class=3, curve_targets=("heldout",),
+        final_targets=("heldout",), arm_names=("A", "B"), later_arms=("D", "K"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +199,15 @@ class Arm:
     k_smoothing: bool = False  # arm K: classifier momentum / lr scale
 
 
-def arms(p: Protocol) -> list[Arm]:
+def all_arms(p: Protocol) -> list[Arm]:
     return [Arm("A", 0), Arm("K", 0, k_smoothing=True), Arm("B", p.window_b),
             Arm("C", p.window_c), Arm("D", p.window_c, compensate=False)]
+
+
+def arms(p: Protocol) -> list[Arm]:
+    """The protocol's arms in run order (per seed), then its later arms."""
+    by = {a.name: a for a in all_arms(p)}
+    return [by[n] for n in p.arm_names + p.later_arms]
 
 
 ARM_TEXT = {"A": "ArcFace", "K": "ArcFace, classifier smoothed like a 64-step queue",
@@ -167,9 +228,15 @@ def _base(p: Protocol, data_dir: str) -> Any:
     if p.synthetic:
         c = pa._load_config(REPO / "configs" / "demo.py")
         c.dataset.synthetic.num_identities = p.num_classes
-        c.dataset.synthetic.heldout_identities = 8
-        c.dataset.synthetic.samples_per_identity = 4
+        c.dataset.synthetic.heldout_identities = p.heldout_identities
+        c.dataset.synthetic.samples_per_identity = p.samples_per_identity
         c.num_classes = p.num_classes
+        if p.eval_pairs:  # one fixed set of held-out pairs for every run (as E1's LFW)
+            import ml_collections
+
+            with c.unlocked():
+                c.evals.heldout = ml_collections.ConfigDict(
+                    dict(type="synthetic", num_pairs=p.eval_pairs, seed=p.eval_seed))
     else:
         c = pa._load_config(REPO / "configs" / "lfw.py")
         c.dataset.data_dir = str(data_dir)
@@ -190,8 +257,9 @@ def stage1_config(p: Protocol, data_dir: str) -> Any:
     c.lr_boundaries = (round(0.6 * steps), round(0.84 * steps))
     c.warmup_steps = max(1, round(0.04 * steps)) if steps >= 50 else 0
     c.total_steps = p.s1_stop
-    c.eval_every_steps = p.s1_stop
-    c.checkpoint_every_steps = max(1, p.s1_stop // 3)
+    c.eval_every_steps = p.s1_check_every if p.s1_target_top1 > 0 else p.s1_stop
+    c.checkpoint_every_steps = (p.s1_check_every if p.s1_target_top1 > 0
+                                else max(1, p.s1_stop // 3))
     c.keep_checkpoints = 5
     c.log_every_steps = max(1, min(50, p.s1_stop))
     c.eval.targets = tuple(p.final_targets)
@@ -227,10 +295,60 @@ def stage2_config(p: Protocol, arm: Arm, seed: int, lr: float, workroot: pathlib
 
 
 # ------------------------------------------------------------------ replay + regime
-class Replayer:
-    """Replays training steps from a state and embeds the whole training set (train mode)."""
+def measured_set(config: Any, per_class: int) -> tuple[Any, Any]:
+    """(images f32[C * k, H, W, 3] normalised as in training, labels int[C * k]): samples
+    0..k-1 of every training identity of a synthetic config, unflipped (the same pixels as
+    the training stream shows them: ``synthetic.training_examples`` with ``config.seed``)."""
+    import numpy as np
 
-    def __init__(self, config: Any, model=None):
+    from broadface_jax import input_pipeline
+    from broadface_jax.datasets import synthetic
+
+    spec = synthetic.spec_from_config(config)
+    if not 0 < per_class <= spec.samples_per_identity:
+        raise ValueError(f"measure_per_class={per_class} must be in [1, "
+                         f"{spec.samples_per_identity}] (samples_per_identity)")
+    idx = (np.arange(spec.num_identities)[:, None] * spec.samples_per_identity
+           + np.arange(per_class)[None, :]).ravel()
+    # one fixed shuffle: train-mode chunks mix classes as the training stream's do
+    idx = idx[np.random.default_rng(0).permutation(idx.size)]
+    images, labels = [], []
+    for a in range(0, idx.size, 1024):
+        im, lb = synthetic.training_examples(spec, idx[a:a + 1024], int(config.seed))
+        images.append(input_pipeline.normalize_images(im, config))
+        labels.append(lb)
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+class SubsetMeasurer(pa.Measurer):
+    """paper_analyses.Measurer on ``measured_set`` (k images of every class) instead of the
+    whole training set (E2: 90,240 images are ~100 s an embedding on the loaded CPU)."""
+
+    def __init__(self, config: Any, model=None, per_class: int = 0):
+        super().__init__(config, model)
+        self.per_class = per_class
+
+    def training_set(self) -> tuple[Any, Any]:
+        if not self.per_class:
+            return super().training_set()
+        key = ("subset", int(self.config.image_size), int(self.config.seed),
+               int(self.config.num_classes), self.per_class)
+        if key not in pa._TRAIN_SET_CACHE:
+            out = measured_set(self.config, self.per_class)
+            pa._TRAIN_SET_CACHE.clear()
+            pa._TRAIN_SET_CACHE[key] = out
+        return pa._TRAIN_SET_CACHE[key]
+
+
+def make_measurer(p: Protocol, config: Any, model=None) -> pa.Measurer:
+    return SubsetMeasurer(config, model, p.measure_per_class)
+
+
+class Replayer:
+    """Replays training steps from a state and embeds the measured set (train mode): the
+    whole training set, or ``per_class`` images of every class."""
+
+    def __init__(self, config: Any, model=None, per_class: int = 0):
         import jax
 
         from broadface_jax import models, sharding, train_step
@@ -238,7 +356,7 @@ class Replayer:
         self.config = config
         self.model = model if model is not None else models.build_encoder(config.model)
         self.mesh = sharding.make_mesh(config.mesh)
-        self.measurer = pa.Measurer(config, self.model)
+        self.measurer = SubsetMeasurer(config, self.model, per_class)
         self.images, self.labels = self.measurer.training_set()
         model_ = self.model
 
@@ -354,7 +472,7 @@ def _log(msg: str) -> None:
 
 
 def _model(p: Protocol):
-    return pa.quick_model(p.embedding_dim) if p.synthetic else None
+    return pa.quick_model(p.embedding_dim) if p.tiny_model else None
 
 
 def _done(workdir: pathlib.Path, step: int) -> bool:
@@ -364,6 +482,9 @@ def _done(workdir: pathlib.Path, step: int) -> bool:
 
 
 def run_stage1(p: Protocol, ctx: dict) -> dict:
+    """Stage 1: to s1_stop; with s1_target_top1, in segments of s1_check_every steps, stopping
+    at the first checkpoint whose train top-1 (the measured set) reaches the target (s1_stop
+    is then the cap). The stage-2 runs start from the last checkpoint of WORK/s1."""
     import contextlib
 
     from broadface_jax import train
@@ -374,18 +495,40 @@ def run_stage1(p: Protocol, ctx: dict) -> dict:
     workdir = ctx["workroot"] / "s1"
     config = stage1_config(p, ctx["data_dir"])
     t0 = time.time()
-    _log(f"s1: ArcFace from scratch to step {p.s1_stop} of the {p.s1_recipe_steps}-step recipe")
-    if not (_done(workdir, p.s1_stop) and pa.split_curves(pa.read_metrics(workdir))[0].get(str(p.s1_stop))):
-        with contextlib.redirect_stdout(sys.stderr):
-            train.train_and_evaluate(config, workdir, model=_model(p))
-    m = pa.Measurer(config, _model(p))
-    start = m.measure(workdir, p.s1_stop, ())
+    m = make_measurer(p, config, _model(p))
+    checks_path = workdir / "s1_checks.json"
+    checks = json.loads(checks_path.read_text()) if checks_path.is_file() else {}
+    if p.s1_target_top1 > 0:
+        stops = list(range(p.s1_check_every, p.s1_stop, p.s1_check_every)) + [p.s1_stop]
+        _log(f"s1: ArcFace from scratch, the {p.s1_recipe_steps}-step recipe, until train "
+             f"top-1 >= {p.s1_target_top1} (checked every {p.s1_check_every} steps, at most "
+             f"{p.s1_stop})")
+    else:
+        stops = [p.s1_stop]
+        _log(f"s1: ArcFace from scratch to step {p.s1_stop} of the {p.s1_recipe_steps}-step recipe")
+    stop = stops[-1]
+    for stop in stops:
+        config.total_steps = stop
+        if not (_done(workdir, stop) and pa.split_curves(pa.read_metrics(workdir))[0].get(str(stop))):
+            with contextlib.redirect_stdout(sys.stderr):
+                train.train_and_evaluate(config, workdir, model=_model(p))
+        if p.s1_target_top1 <= 0:
+            break
+        if str(stop) not in checks:
+            got = m.measure(workdir, stop, ())
+            checks[str(stop)] = {k: v for k, v in got.items() if k != "comp_error"}
+            pa._write_json(checks_path, checks)
+        _log(f"s1: step {stop}: train top-1 {checks[str(stop)]['train_top1']:.3f}")
+        if checks[str(stop)]["train_top1"] >= p.s1_target_top1:
+            break
+    start = m.measure(workdir, stop, ())
     evals, trains = pa.split_curves(pa.read_metrics(workdir))
     rec = dict(schema=SCHEMA, protocol=p.name, name="s1", stage=1, command=ctx["command"](["s1"]),
-               steps=p.s1_stop, curve=evals, train=trains, start=start,
-               final=evals.get(str(p.s1_stop), {}), wall_s=time.time() - t0)
+               steps=stop, curve=evals, train=trains, start=start, checks=checks,
+               final=evals.get(str(stop), {}), wall_s=time.time() - t0)
     pa._write_json(rec_path, rec)
-    _log(f"s1: done; train top-1 {start['train_top1']:.3f}, cos(W, mean) {start['center_cos']:.3f}")
+    _log(f"s1: done at step {stop}; train top-1 {start['train_top1']:.3f}, cos(W, mean) "
+         f"{start['center_cos']:.3f}")
     return rec
 
 
@@ -405,7 +548,7 @@ def run_probe(p: Protocol, lr: float, ctx: dict) -> dict:
     tmp = ctx["workroot"] / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rep = Replayer(config, _model(p))
+    rep = Replayer(config, _model(p), p.measure_per_class)
     state, shardings, _ = train.initial_state(config, rep.mesh, str(tmp), rep.model)
     t = p.t_visit
     second = p.probe_steps - t
@@ -470,7 +613,7 @@ def run_stage2(p: Protocol, arm: Arm, seed: int, lr: float, ctx: dict) -> dict:
     t1 = time.time()
     cache_path = workdir / "regime.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    rep = Replayer(config, model)
+    rep = Replayer(config, model, p.measure_per_class)
     steps = checkpointing.all_steps(str(workdir))
     last = steps[-1]
     mech = cache.setdefault("mechanism", {})
@@ -536,16 +679,36 @@ PRIMARY = (("lfw_people_test", "tar@far=1e-3"), ("lfw_people_test", "tar@far=1e-
 SECONDARY = (("lfw_dev", "accuracy"), ("cfp_fp", "accuracy"))
 
 
-def _by_arm(records, complete_only: bool = True):
+def primary_of(p: Protocol) -> tuple:
+    """E1: TAR@FAR on lfw_people_test; synthetic: held-out pair accuracy."""
+    return tuple((t, "accuracy") for t in p.final_targets) if p.synthetic else PRIMARY
+
+
+def metrics_of(p: Protocol) -> list:
+    if not p.synthetic:
+        return list(PRIMARY + SECONDARY)
+    extra = [(t, "val@far=1e-3") for t in p.final_targets] if p.eval_pairs else []
+    return list(primary_of(p)) + extra
+
+
+def fig_prefix(p: Protocol) -> str:
+    return "e2" if p.name == "e2" else "e1"
+
+
+def _by_arm(records, complete_only: bool = True, core: Optional[tuple] = None):
     """{arm: {seed: record}} of stage 2; by default only the seeds every arm has finished
-    (the pre-registered rule: comparisons use whole paired seeds)."""
+    (the pre-registered rule: comparisons use whole paired seeds). With ``core`` (E2's
+    per-seed arms), the complete seeds are those every core arm has; an arm outside
+    ``core`` (run after every seed, if time allows) keeps its seeds among those."""
     out: dict[str, dict[int, dict]] = {}
     for r in records:
         if r.get("stage") == 2:
             out.setdefault(r["arm"], {})[r["seed"]] = r
     if complete_only and out:
         names = {r["arm"] for r in records if r.get("stage") == 2}
-        seeds = set.intersection(*[set(v) for v in out.values()]) if len(names) == len(out) else set()
+        names = (names & set(core)) or names if core else names
+        have = [set(v) for a, v in out.items() if a in names]
+        seeds = set.intersection(*have) if have else set()
         out = {a: {sd: r for sd, r in v.items() if sd in seeds} for a, v in out.items()}
         out = {a: v for a, v in out.items() if v}
     return out
@@ -612,7 +775,7 @@ def _paired(by_arm, a, b, fn):
 def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     import numpy as np
 
-    by_arm = _by_arm(records)
+    by_arm = _by_arm(records, core=p.arm_names)
     summary: dict[str, Any] = {"protocol": dataclasses.asdict(p), "arms": {}, "claims": [],
                                "probes": [], "reading": {}}
     for r in records:
@@ -626,8 +789,10 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
         {r["seed"] for r in records if r.get("stage") == 2}
         - {sd for v in by_arm.values() for sd in v})
     summary["regime_table"] = [paper_regime_row()] + part1_regime(REPO / "docs" / "analyses" / "runs")
-    targets = (p.final_targets if p.synthetic else None)
-    metrics = ([(t, "accuracy") for t in targets] if targets else list(PRIMARY + SECONDARY))
+    metrics = metrics_of(p)
+    primary = primary_of(p)
+    summary["metric_keys"] = [f"{t}/{m}" for t, m in metrics]
+    summary["primary_keys"] = [f"{t}/{m}" for t, m in primary]
     for arm, seeds in sorted(by_arm.items()):
         row: dict[str, Any] = {"seeds": sorted(seeds), "text": ARM_TEXT[arm]}
         for t, m in metrics:
@@ -664,15 +829,19 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     def fin(t, m):
         return lambda r: pa.final_value(r, t, m)
 
+    comparisons = [("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
+                   ("C", "B", +1, "a longer queue helps (C >= B)"),
+                   ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
+                   ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
+                   ("K", "A", 0, "smoothing W alone (K vs A; no claim)")]
+    if "C" not in p.arm_names + p.later_arms:  # E2 as run: D is only described
+        comparisons += [("D", "A", 0, "a 256-step queue without compensation vs ArcFace (no claim)"),
+                        ("D", "B", 0, "256 steps without compensation vs 64 with (no claim)")]
     for t, m in metrics:
-        for a, b, sign, claim in (("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
-                                  ("C", "B", +1, "a longer queue helps (C >= B)"),
-                                  ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
-                                  ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
-                                  ("K", "A", 0, "smoothing W alone (K vs A; no claim)")):
+        for a, b, sign, claim in comparisons:
             pi = _paired(by_arm, a, b, fin(t, m))
             summary["claims"].append(dict(claim=claim, compare=f"{a} - {b}", metric=f"{t}/{m}",
-                                          primary=(t, m) in PRIMARY, result=pi,
+                                          primary=(t, m) in primary, result=pi,
                                           verdict=pa.verdict(pi, sign) if sign else "(descriptive)"))
     for arm in ("B", "C"):
         for lag in [str(x) for x in p.lags]:
@@ -704,6 +873,10 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     return summary
 
 
+def _count_text(n: int) -> str:
+    return "One primary outcome" if n == 1 else "Two primary outcomes" if n == 2 else f"{n} primary outcomes"
+
+
 def _fmt(pi, scale=1.0, digits=3, kind="f"):
     if pi is None:
         return "-"
@@ -715,7 +888,7 @@ def _fmt(pi, scale=1.0, digits=3, kind="f"):
 
 
 def summary_markdown(s: dict) -> str:
-    lines = ["## E1 summary (generated by benchmarks/regime_analyses.py)", ""]
+    lines = [f"## {s['protocol']['name'].upper()} summary (generated by benchmarks/regime_analyses.py)", ""]
     if s.get("regime_table"):
         lines += ["### The regime: earlier settings (θ in degrees; ranges over runs / estimates)", "",
                   "| setting | C | B | T_visit = C/B | θ(1) | θ(8) | θ(64) | θ(T_visit) | m | S = θ(T_visit)/m |",
@@ -736,17 +909,22 @@ def summary_markdown(s: dict) -> str:
         lines += [f"Seeds not yet finished by every arm (left out of all tables): "
                   f"{s['excluded_incomplete_seeds']}", ""]
     if s.get("probes"):
-        lines += ["### The lr rule (ArcFace, 300 steps from the stage-1 checkpoint)", "",
+        lines += [f"### The lr rule (ArcFace, {s['protocol']['probe_steps']} steps from the stage-1 checkpoint)", "",
                   "| lr | θ(T_visit) | S |", "|---|---|---|"]
         lines += [f"| {x['lr']:g} | {x['theta_deg']:.2f}° | {x['S']:.3f} |" for x in s["probes"]]
         lines.append("")
     if s["arms"]:
         first = next(iter(s["arms"].values()))
         lags = list(first["theta_deg"])
+        synthetic = s["protocol"].get("synthetic")
+        keys = s.get("metric_keys", []) if synthetic else [
+            "lfw_people_test/tar@far=1e-3", "lfw_people_test/tar@far=1e-4", "lfw_dev/accuracy",
+            "cfp_fp/accuracy"]
+        heads = keys if synthetic else ["TAR@1e-3", "TAR@1e-4", "lfw_dev", "cfp_fp"]
         lines += ["### Regime and finals per arm (mean over seeds)", "",
                   "| arm | seeds | T_visit mean / median class | " + " | ".join(f"θ({k})" for k in lags)
-                  + " | S | train top-1 | cos(W, mean) | TAR@1e-3 | TAR@1e-4 | lfw_dev | cfp_fp |",
-                  "|---|---|---|" + "---|" * len(lags) + "---|---|---|---|---|---|---|"]
+                  + " | S | train top-1 | cos(W, mean) | " + " | ".join(heads) + " |",
+                  "|---|---|---|" + "---|" * len(lags) + "---|---|---|" + "---|" * len(heads)]
         for arm, r in s["arms"].items():
             def cell(key, scale=1.0, d=3):
                 v = r.get(key)
@@ -758,10 +936,10 @@ def summary_markdown(s: dict) -> str:
                 f"{r['t_visit']['mean_gap']:.0f} / {r['t_visit']['median_class']:.0f} | "
                 + " | ".join(f"{r['theta_deg'][k]:.2f}°" for k in lags)
                 + f" | {r['S']:.3f} | {r['train_top1_final']:.3f} | {r['center_cos_final']:.3f} | "
-                f"{cell('lfw_people_test/tar@far=1e-3')} | {cell('lfw_people_test/tar@far=1e-4')} | "
-                f"{cell('lfw_dev/accuracy', 100, 2)} | {cell('cfp_fp/accuracy', 100, 2)} |")
+                + " | ".join(cell(k, 100, 2) if k.endswith("/accuracy") else cell(k) for k in keys)
+                + " |")
         lines.append("")
-        lines += ["### Compensation error 1 - cos(e, ·) by lag (from the step-500 checkpoint)", "",
+        lines += [f"### Compensation error 1 - cos(e, ·) by lag (from the step-{s['protocol']['anchor']} checkpoint)", "",
                   "| arm | lag | stale | Eq. 7 | Eq. 7, unit W | oracle per-class shift |",
                   "|---|---|---|---|---|---|"]
         for arm, r in s["arms"].items():
@@ -787,7 +965,8 @@ def summary_markdown(s: dict) -> str:
                   f"staleness grows with time since the last visit: {rd['staleness_grows']}; the "
                   f"comparison {'counts' if rd['counts'] else 'does NOT count'} (pre-registered rule).", ""]
     lines += ["### Claims (paired by seed, mean [95% t interval]; TAR as fractions, accuracy in points)", "",
-              "Two primary outcomes and several claims, no multiplicity correction; with n "
+              f"{_count_text(sum(1 for k in s.get('metric_keys', []) if k in s.get('primary_keys', [])) or 2)} "
+              "and several claims, no multiplicity correction; with n "
               "seeds the t interval has n - 1 degrees of freedom (n = 2: t = 12.7).", "",
               "| claim | comparison | metric | primary | paired difference | verdict |",
               "|---|---|---|---|---|---|"]
@@ -808,7 +987,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
     import numpy as np
     from scipy import stats
 
-    by_arm = _by_arm(records)
+    by_arm = _by_arm(records, core=p.arm_names)
     written = []
     if not by_arm:
         return written
@@ -833,7 +1012,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
         ax.set_title(f"classifier staleness at stage-2 step {step}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    save(fig, "e1_staleness.png")
+    save(fig, f"{fig_prefix(p)}_staleness.png")
 
     # learning curves with seed bands
     keys = ([f"{t}/accuracy" for t in p.curve_targets] if p.synthetic
@@ -860,7 +1039,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    save(fig, "e1_curves.png")
+    save(fig, f"{fig_prefix(p)}_curves.png")
 
     # finals with 95% intervals
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
@@ -880,7 +1059,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
         ax.set_ylabel(f"final {key}")
         ax.set_title("finals (mean, 95% t interval, seeds)", fontsize=9)
         ax.grid(alpha=0.3)
-    save(fig, "e1_finals.png")
+    save(fig, f"{fig_prefix(p)}_finals.png")
 
     # compensation error vs lag incl. the oracle
     fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.8), squeeze=False)
@@ -896,7 +1075,7 @@ def draw_figures(p: Protocol, records: list[dict], s: dict, out: pathlib.Path) -
         ax.set_title(f"{arm}: 1 - cos(e, ·)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    save(fig, "e1_compensation.png")
+    save(fig, f"{fig_prefix(p)}_compensation.png")
     return written
 
 
@@ -918,6 +1097,8 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, help="results (runs/*.json, summary, PNGs)")
     ap.add_argument("--workdir", required=True, help="parent of the run workdirs")
     ap.add_argument("--data_dir", default="runs/tfds", help="TFDS data_dir with lfw prepared")
+    ap.add_argument("--protocol", default="e1", choices=("e1", "e2"),
+                    help="e1: LFW (the default); e2: paper-matched synthetic identities")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--runs", default="", help="only these runs (comma-separated names), "
@@ -940,7 +1121,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.set_verbosity(logging.WARNING)
     import jax
 
-    p = quick_protocol() if args.quick else full_protocol(args.seeds)
+    if args.protocol == "e2":
+        p = quick_e2_protocol() if args.quick else e2_protocol(args.seeds)
+    else:
+        p = quick_protocol() if args.quick else full_protocol(args.seeds)
     out = pathlib.Path(args.out).resolve()
     workroot = pathlib.Path(args.workdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -950,6 +1134,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          f"../shared/data/lfw --data_dir {args.data_dir}")
     base = ["python", "-m", "benchmarks.regime_analyses", "--out", str(out), "--workdir", str(workroot),
             "--data_dir", str(pathlib.Path(args.data_dir).resolve())] + (["--quick"] if args.quick else [])
+    if args.protocol != "e1":
+        base += ["--protocol", args.protocol]
     if not args.quick:
         base += ["--seeds", str(args.seeds)]
 
@@ -975,13 +1161,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         lr, probes = choose_lr(p, ctx)
         meta["lr"] = lr
         _log(f"lr rule: stage-2 lr {lr:g} (" + ", ".join(f"{r['lr']:g}: S {r['S']:.3f}" for r in probes) + ")")
-        for seed in p.seeds:
-            for arm in arms(p):
-                name = f"s2_{arm.name}_seed{seed}"
-                if only and name not in only:
-                    continue
-                run_stage2(p, arm, seed, lr, ctx)
-                report(p, out, meta)
+        by = {a.name: a for a in all_arms(p)}
+        order = ([(seed, by[n]) for seed in p.seeds for n in p.arm_names]
+                 + [(seed, by[n]) for n in p.later_arms for seed in p.seeds])
+        for seed, arm in order:
+            name = f"s2_{arm.name}_seed{seed}"
+            if only and name not in only:
+                continue
+            run_stage2(p, arm, seed, lr, ctx)
+            report(p, out, meta)
     s = report(p, out, meta)
     print(summary_markdown(s), flush=True)
     return s
