@@ -320,8 +320,10 @@ class Measurer:
 
         from broadface_jax import input_pipeline
 
-        key = (int(self.config.image_size), str(self.config.dataset.data_dir),
-               str(self.config.dataset.name), int(self.config.num_classes))
+        # Everything that changes the pixels or the epoch-0 order: the whole dataset group
+        # (synthetic sizes included) and the seed (synthetic renders depend on it).
+        key = (int(self.config.image_size), int(self.config.num_classes), int(self.config.seed),
+               self.config.dataset.to_json_best_effort(sort_keys=True))
         if key in _TRAIN_SET_CACHE:
             return _TRAIN_SET_CACHE[key]
         cfg = self.config.copy_and_resolve_references()

@@ -81,6 +81,31 @@ def test_e2_measured_set_is_k_training_images_of_every_class():
         ra.measured_set(c, 7)
 
 
+
+@pytest.mark.slow  # three TF input pipelines (~5 s each on the loaded CPU)
+def test_training_set_cache_follows_the_data_and_the_seed():
+    """Measurer.training_set's process-wide cache: a config with other synthetic sizes or another
+    seed must not get the set another config cached (it did: the key held image size, data dir,
+    name and classes only, so this module's tests failed or passed by their order in a worker)."""
+    import numpy as np
+
+    from benchmarks import paper_analyses as pa
+
+    p = ra.quick_e2_protocol()
+    c = ra.stage1_config(p, "")
+    fewer = c.copy_and_resolve_references()
+    with fewer.unlocked():
+        fewer.dataset.synthetic.samples_per_identity = p.samples_per_identity - 2
+    first, _ = pa.Measurer.training_set(_Cfg(fewer))
+    assert first.shape[0] == p.num_classes * (p.samples_per_identity - 2)
+    full, _ = pa.Measurer.training_set(_Cfg(c))
+    assert full.shape[0] == p.num_classes * p.samples_per_identity
+    reseeded = c.copy_and_resolve_references()
+    reseeded.seed = c.seed + 1
+    other, _ = pa.Measurer.training_set(_Cfg(reseeded))
+    assert other.shape == full.shape and not np.array_equal(np.sort(other, axis=None),
+                                                            np.sort(full, axis=None))
+
 def test_e2_comparisons_use_the_seeds_every_core_arm_has():
     """K runs after every seed of A, B, D: its unfinished seeds must not drop finished
     A / B / D seeds; a core arm's missing seed does."""
