@@ -1,7 +1,9 @@
 """The training input pipeline: tf.data, per process, deterministic and resumable.
 
 `create_train_iterator(config, start_step)` yields per-process numpy batches
-`{'image': f32[B, H, W, 3] in [-1, 1], 'label': i32[B]}` with
+`{'image': f32[B, H, W, 3], 'label': i32[B]}` (images normalised by
+`config.dataset.normalize`: [-1, 1] with the default 'face', ImageNet mean
+and std with 'imagenet') with
 `B = config.per_device_batch_size * jax.local_device_count()`.
 
 Order. Each process reads its own contiguous shard of the split
