@@ -144,9 +144,8 @@ def _queue_row_losses(config, saved) -> np.ndarray:
     """Per-row margin loss of the saved queue under the saved classifier (Eq. 7 + margin)."""
     q, kernel = saved.queue, np.asarray(saved.params["classifier"]["kernel"])
     e = queue_lib.compensate(q.embeddings, q.weights, kernel[np.asarray(q.labels)])
-    return np.asarray(losses.margin_cross_entropy(
-        e, losses.l2_normalize(kernel), q.labels, losses.MarginConfig.from_config(config.loss),
-        int(config.num_classes)), np.float64)
+    return np.asarray(losses.build(config.loss).per_example(
+        e, losses.l2_normalize(kernel), q.labels, num_classes=int(config.num_classes)), np.float64)
 
 
 def test_same_device_count_is_a_plain_restore(saved_run):

@@ -58,7 +58,7 @@ def test_empty_queue_step_equals_plain_arcface_step():
         outs.append((host(new.params), metrics))
 
     # Independent plain ArcFace step: mean margin loss over the batch, one optimizer.
-    margin = losses.MarginConfig.from_config(cfg.loss)
+    loss_fn = losses.build(cfg.loss)
     tx, _ = train_step.make_optimizer(cfg)
 
     def plain_loss(params):
@@ -66,7 +66,7 @@ def test_empty_queue_step_equals_plain_arcface_step():
                              batch["image"], train=True, mutable=["batch_stats"],
                              rngs={"dropout": jax.random.fold_in(init.rng, 0)})
         kn = losses.l2_normalize(params["classifier"]["kernel"])
-        return jnp.mean(losses.margin_cross_entropy(emb, kn, jnp.asarray(batch["label"]), margin))
+        return jnp.mean(loss_fn.per_example(emb, kn, jnp.asarray(batch["label"])))
 
     loss, grads = jax.value_and_grad(plain_loss)(init.params)
     updates, _ = tx.update(grads, tx.init(init.params), init.params)

@@ -33,7 +33,7 @@ a silently ignored number.
 
 This module is light (no JAX): ``config_check`` reads the names and fields
 from it. The JAX parts are imported on first use (``losses.build``,
-``losses.l2_normalize``, ``losses.margin_cross_entropy``, ...).
+``losses.l2_normalize``, ``losses.scale_gradient``, ...).
 """
 
 from __future__ import annotations
@@ -134,8 +134,6 @@ def spec_function(spec: LossSpec, attr: str | None):
 _LAZY = {
     "build": "core", "Loss": "core", "l2_normalize": "core", "scale_gradient": "core",
     "softmax_cross_entropy": "core",
-    "EPS": "margin", "MarginConfig": "margin", "target_logit": "margin",
-    "margin_cross_entropy": "margin",
 }
 
 

@@ -72,10 +72,6 @@ class Loss:
     def params(self) -> dict[str, float]:
         return dict(self.fields)
 
-    @property
-    def stateful(self) -> bool:
-        return self.init_state_fn is not None
-
     def init_state(self) -> Any:
         """The state of a fresh run (``{}`` for a stateless loss)."""
         return self.init_state_fn() if self.init_state_fn is not None else {}
@@ -115,10 +111,15 @@ class Loss:
                 self.update_state_fn(state, jax.lax.stop_gradient(cos_y)))
         return self._xent(cos, onehot, cos_y, state, num_classes, class_mask), state
 
+    def logits(self, cos: jax.Array, onehot: jax.Array, cos_y: jax.Array,
+               state: Any = None) -> jax.Array:
+        """f32[N, C] scaled logits of the cosines: the registered logits function
+        with this loss's fields (the package docstring's contract)."""
+        return self.logits_fn(cos, onehot, cos_y, {} if state is None else state, **self.params)
+
     def _xent(self, cos, onehot, cos_y, state, num_classes, class_mask=None):
-        logits = self.logits_fn(cos, onehot, cos_y, {} if state is None else state,
-                                **self.params)
-        return softmax_cross_entropy(logits, onehot, num_classes, class_mask)
+        return softmax_cross_entropy(self.logits(cos, onehot, cos_y, state), onehot,
+                                     num_classes, class_mask)
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from broadface_jax.losses.margin import EPS, MarginConfig, target_logit
+from broadface_jax.losses.margin import EPS, target_logit
 
 T_NEW_WEIGHT = 0.01  # weight of the batch's mean target cosine in the EMA of t
 
@@ -58,5 +58,5 @@ def logits(cos, onehot, cos_y, state, *, s: float, m2: float):
     cos_m = jax.lax.stop_gradient(cy * math.cos(m2) - sin * math.sin(m2))  # cos(theta_y + m)
     hard = c > cos_m[:, None]
     negative = jnp.where(hard, c * (t + c), c)
-    target = target_logit(cos_y, MarginConfig(s=s, m1=1.0, m2=m2, m3=0.0))
+    target = target_logit(cos_y, m1=1.0, m2=m2, m3=0.0)
     return s * jnp.where(onehot, target[:, None], negative)
