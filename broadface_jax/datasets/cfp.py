@@ -16,23 +16,14 @@ from broadface_jax import align
 from broadface_jax.datasets import common
 
 
-class CfpAligned(tfds.core.GeneratorBasedBuilder):
+class CfpAligned(common.FaceBuilderMixin, tfds.core.GeneratorBasedBuilder):
     """CFP frontal and profile faces aligned with a 5-point similarity transform."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE = "http://www.cfpw.io/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     manual_dir is the CFP `cfp-dataset` folder (with Data/Images,
     Data/Fiducials, Data/list_name.txt) or the folder that contains it.
     """
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.face_features(),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
-            homepage="http://www.cfpw.io/",
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = align.cfp_dataset_root(dl_manager.manual_dir)

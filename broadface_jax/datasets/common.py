@@ -35,6 +35,25 @@ def face_features() -> tfds.features.FeaturesDict:
     })
 
 
+class FaceBuilderMixin:
+    """Mixin (before ``tfds.core.GeneratorBasedBuilder``) of every face builder: version
+    1.0.0 and its info, :func:`face_features` with ``(image, label)`` as the supervised
+    keys, ``HOMEPAGE`` (set by the builder; None: none) and an empty metadata dict the
+    builder fills (``num_classes``, skipped images)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE: str | None = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=face_features(),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+            homepage=self.HOMEPAGE,
+        )
+
+
 def encode_jpeg(image_u8: np.ndarray) -> bytes:
     """u8[H, W, 3] -> JPEG bytes (quality 95)."""
     buf = io.BytesIO()

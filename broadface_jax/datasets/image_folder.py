@@ -94,11 +94,10 @@ class FileRangeReader:
             yield rel, common.example(jpeg, label, name, rel)
 
 
-class FaceImageFolder(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder):
+class FaceImageFolder(beam_split.BeamSplitMixin, common.FaceBuilderMixin,
+                      tfds.core.GeneratorBasedBuilder):
     """Aligned face images, one folder per identity -> 112x112 JPEG faces + labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     manual_dir holds one sub-folder per identity with that identity's aligned
     face images (jpg / png / bmp / webp). Labels follow the sorted folder names.
@@ -107,13 +106,6 @@ class FaceImageFolder(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder
     def __init__(self, *, strict: bool = False, **kwargs):
         self._strict = strict
         super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.face_features(),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = pathlib.Path(dl_manager.manual_dir)

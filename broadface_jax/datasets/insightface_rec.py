@@ -86,11 +86,11 @@ class RecRangeReader:
         close_cached()
 
 
-class InsightfaceRec(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder):
+class InsightfaceRec(beam_split.BeamSplitMixin, common.FaceBuilderMixin,
+                     tfds.core.GeneratorBasedBuilder):
     """insightface train.rec / train.idx -> aligned 112x112 JPEG faces + labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE = "https://github.com/deepinsight/insightface/tree/master/recognition/_datasets_"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Put insightface's `train.rec` and `train.idx` (and, if present, `property`)
     of the training set (e.g. faces_emore / ms1m-retinaface-t1 / glint360k) in
@@ -100,14 +100,6 @@ class InsightfaceRec(beam_split.BeamSplitMixin, tfds.core.GeneratorBasedBuilder)
     def __init__(self, *, strict: bool = False, **kwargs):
         self._strict = strict  # True: the first bad image stops the preparation
         super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.face_features(),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://github.com/deepinsight/insightface/tree/master/recognition/_datasets_",
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = recordio.path(dl_manager.manual_dir)  # a local folder or gs://... (Dataflow)

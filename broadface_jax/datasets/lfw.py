@@ -70,11 +70,10 @@ def load_face(path: pathlib.Path) -> np.ndarray:
     return align.lfw_center_crop(align.read_rgb(path))
 
 
-class LfwAligned(tfds.core.GeneratorBasedBuilder):
+class LfwAligned(common.FaceBuilderMixin, tfds.core.GeneratorBasedBuilder):
     """LFW deep-funneled, centre-cropped to 112x112: dev_train identities."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE = "http://vis-www.cs.umass.edu/lfw/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     manual_dir is the LFW folder with `images_deepfunneled/` and
     `peopleDevTrain.txt`. CFP's `list_name.txt` is looked up at
@@ -85,14 +84,6 @@ class LfwAligned(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, cfp_names_file: str | None = None, **kwargs):
         self._cfp_names_file = cfp_names_file
         super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.face_features(),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
-            homepage="http://vis-www.cs.umass.edu/lfw/",
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = pathlib.Path(dl_manager.manual_dir)
