@@ -16,6 +16,13 @@ and insightface's ``IResNet`` ends with (``bn2``, ``dropout``, ``fc``,
 * The FC and the last BN always run in float32 (as insightface's fp16 mode
   does: ``self.fc(x.float())``), so the embedding is float32 whatever the
   backbone's compute dtype.
+
+:class:`Encoder` is the base of every backbone: the fields
+``models.build_encoder`` sets on each (``embedding_dim``, ``width``,
+``dropout``, ``dtype``, ``bn_groups``) and :meth:`Encoder.head`, which ends
+the backbone's ``__call__`` with this head as its submodule ``head`` (so every
+backbone's head parameters live at ``head/bn``, ``head/fc``,
+``head/features``).
 """
 
 from __future__ import annotations
@@ -70,3 +77,38 @@ class EmbeddingHead(nn.Module):
         )(x)
         return layers.batch_norm(train, jnp.float32, self.bn_groups,
                                  use_scale=self.learn_feature_scale)(name="features")(x)
+
+
+class Encoder(nn.Module):
+    """Base of every backbone: the shared fields and the embedding head.
+
+    A backbone subclasses it, adds its own fields and ends its
+    ``@nn.compact __call__(x, train)`` (NHWC images normalised to
+    ``(x/255 - 0.5)/0.5`` -> (B, embedding_dim) float32) with
+    ``return self.head(features, train, ...)``.
+
+    Attributes:
+      embedding_dim: output size D.
+      width: channel multiplier (1.0 = the reference network).
+      dropout: dropout rate in the head.
+      dtype: compute dtype of the backbone (parameters are float32).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
+    """
+
+    embedding_dim: int = 512
+    width: float = 1.0
+    dropout: float = 0.0
+    dtype: layers.Dtype = jnp.float32
+    bn_groups: int | None = 1
+
+    def head(self, x: jax.Array, train: bool, *, fc_bias: bool = True,
+             learn_feature_scale: bool = False,
+             fc_kernel_init: nn.initializers.Initializer | None = None) -> jax.Array:
+        """The :class:`EmbeddingHead` named ``head`` on the backbone's features (call it
+        from the compact ``__call__``)."""
+        return EmbeddingHead(
+            self.embedding_dim, dropout=self.dropout, fc_bias=fc_bias,
+            learn_feature_scale=learn_feature_scale, dtype=self.dtype, bn_groups=self.bn_groups,
+            fc_kernel_init=fc_kernel_init, name="head")(x, train)
+

@@ -23,6 +23,7 @@ width 0.125: 8/16/32/64 channels); the layer counts stay those of the depth.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -30,19 +31,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from broadface_jax.models import layers
-from broadface_jax.models.head import EmbeddingHead
+from broadface_jax.models.head import Encoder
 
 #: insightface's conv initialisation: ``nn.init.normal_(m.weight, 0, 0.1)``.
 CONV_INIT = nn.initializers.normal(stddev=0.1)
 
 
-class IBasicBlock(nn.Module):
+class IBasicBlock(layers.ResidualBlock):
     """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut."""
-
-    features: int
-    strides: int = 1
-    dtype: layers.Dtype = jnp.float32
-    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -66,25 +62,13 @@ class IBasicBlock(nn.Module):
         return y + shortcut
 
 
-class IResNet(nn.Module):
-    """IResNet encoder: NHWC images in [-1, 1] -> (B, embedding_dim) float32.
+class IResNet(Encoder):
+    """IResNet encoder (module docstring); its fields are
+    :class:`~broadface_jax.models.head.Encoder`'s (``width`` 1 = insightface's
+    channels) and ``stage_sizes``, the ``IBasicBlock`` count of each stage (per
+    depth: ``models.REGISTRY``)."""
 
-    Attributes:
-      stage_sizes: blocks per stage (per depth: ``models.REGISTRY``).
-      embedding_dim: output size D.
-      width: channel multiplier (1.0 = insightface).
-      dropout: dropout rate in the head.
-      dtype: compute dtype of the backbone (parameters are float32).
-      bn_groups: train-mode BatchNorm statistics per this many equal groups of
-        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
-    """
-
-    stage_sizes: Sequence[int]
-    embedding_dim: int = 512
-    width: float = 1.0
-    dropout: float = 0.0
-    dtype: layers.Dtype = jnp.float32
-    bn_groups: int | None = 1
+    stage_sizes: Sequence[int] = dataclasses.field(kw_only=True)  # required, after Encoder's
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -101,7 +85,4 @@ class IResNet(nn.Module):
                 x = IBasicBlock(
                     features, strides=2 if block == 0 else 1, dtype=self.dtype,
                     bn_groups=self.bn_groups, name=f"layer{stage + 1}_{block}")(x, train)
-        return EmbeddingHead(
-            self.embedding_dim, dropout=self.dropout, fc_bias=True,
-            learn_feature_scale=False, dtype=self.dtype, bn_groups=self.bn_groups,
-            name="head")(x, train)
+        return self.head(x, train, fc_bias=True, learn_feature_scale=False)

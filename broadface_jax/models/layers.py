@@ -162,6 +162,23 @@ class GroupedBatchNorm(nn.Module):
         return y.reshape(x.shape).astype(self.dtype or y.dtype)
 
 
+class ResidualBlock(nn.Module):
+    """Fields of a residual block (IResNet's ``IBasicBlock``, ResNet's ``Bottleneck``).
+
+    Attributes:
+      features: output channels (a bottleneck's inner channels).
+      strides: stride of the block's strided conv and of its shortcut.
+      dtype: compute dtype (parameters are float32).
+      bn_groups: train-mode BatchNorm statistics per this many equal groups of
+        batch rows (see :func:`batch_norm`).
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    bn_groups: int | None = 1
+
+
 def pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric spatial padding of ``p`` pixels, as PyTorch's ``padding=p``."""
     return ((p, p), (p, p))

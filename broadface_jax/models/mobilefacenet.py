@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from broadface_jax.models import layers
-from broadface_jax.models.head import EmbeddingHead
+from broadface_jax.models.head import Encoder
 
 
 def _conv(features: int, kernel: int, strides: int, padding: int, groups: int,
@@ -95,27 +95,19 @@ class DepthWise(nn.Module):
         return x + y if self.residual else y
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(Encoder):
     """MobileFaceNet encoder: NHWC images in [-1, 1] -> (B, embedding_dim) float32.
 
-    Attributes:
-      embedding_dim: output size D (128 in the paper; arcface_torch uses 512).
+    Attributes (and :class:`~broadface_jax.models.head.Encoder`'s):
+      embedding_dim: 128 by default (the paper's; arcface_torch uses 512).
       blocks: residual blocks per stage (arcface_torch ``blocks``).
-      scale: trunk width factor of arcface_torch (1 = the paper's network).
-      width: channel multiplier applied to every channel count.
-      dropout: dropout rate in the head.
-      dtype: compute dtype of the backbone (parameters are float32).
-      bn_groups: train-mode BatchNorm statistics per this many equal groups of
-        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
+      scale: trunk width factor of arcface_torch (1 = the paper's network);
+        ``width`` multiplies every channel count on top of it.
     """
 
     embedding_dim: int = 128
     blocks: Sequence[int] = (1, 4, 6, 2)
     scale: int = 1
-    width: float = 1.0
-    dropout: float = 0.0
-    dtype: layers.Dtype = jnp.float32
-    bn_groups: int | None = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -155,7 +147,5 @@ class MobileFaceNet(nn.Module):
             c_sep, (height, width), padding="VALID", feature_group_count=c_sep,
             use_bias=False, dtype=dt, param_dtype=jnp.float32,
             kernel_init=layers.kaiming_normal_fan_out, name="gdc_conv")(x)
-        return EmbeddingHead(
-            self.embedding_dim, dropout=self.dropout, fc_bias=False,
-            learn_feature_scale=True, dtype=dt, bn_groups=g,
-            fc_kernel_init=layers.kaiming_normal_fan_out, name="head")(x, train)
+        return self.head(x, train, fc_bias=False, learn_feature_scale=True,
+                         fc_kernel_init=layers.kaiming_normal_fan_out)

@@ -22,6 +22,7 @@ Conv kernels are Kaiming-normal (fan_out, ReLU gain), as torchvision.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from broadface_jax.models import layers
-from broadface_jax.models.head import EmbeddingHead
+from broadface_jax.models.head import Encoder
 
 EXPANSION = 4
 
@@ -41,13 +42,11 @@ def _conv(features: int, kernel: int, strides: int, dtype: layers.Dtype, name: s
         param_dtype=jnp.float32, kernel_init=layers.kaiming_normal_fan_out, name=name)
 
 
-class Bottleneck(nn.Module):
-    """conv1x1 -> BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv1x1(4x) -> BN, + shortcut, ReLU."""
+class Bottleneck(layers.ResidualBlock):
+    """conv1x1 -> BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv1x1(4x) -> BN, + shortcut, ReLU.
 
-    features: int
-    strides: int = 1
-    dtype: layers.Dtype = jnp.float32
-    bn_groups: int | None = 1
+    ``features`` are the inner channels; the block outputs ``EXPANSION`` times as many.
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -63,25 +62,13 @@ class Bottleneck(nn.Module):
         return nn.relu(y + shortcut)
 
 
-class ResNet(nn.Module):
-    """Bottleneck ResNet encoder: NHWC images in [-1, 1] -> (B, embedding_dim) float32.
+class ResNet(Encoder):
+    """Bottleneck ResNet (module docstring). ``stage_sizes`` is required: how many
+    bottlenecks each stage has (per depth: ``models.REGISTRY``); the other
+    fields are :class:`~broadface_jax.models.head.Encoder`'s, with ``width`` 1 =
+    torchvision's channels."""
 
-    Attributes:
-      stage_sizes: bottlenecks per stage (per depth: ``models.REGISTRY``).
-      embedding_dim: output size D.
-      width: channel multiplier (1.0 = torchvision).
-      dropout: dropout rate in the head.
-      dtype: compute dtype of the backbone (parameters are float32).
-      bn_groups: train-mode BatchNorm statistics per this many equal groups of
-        batch rows (1 = the whole batch; see :func:`layers.batch_norm`).
-    """
-
-    stage_sizes: Sequence[int]
-    embedding_dim: int = 512
-    width: float = 1.0
-    dropout: float = 0.0
-    dtype: layers.Dtype = jnp.float32
-    bn_groups: int | None = 1
+    stage_sizes: Sequence[int] = dataclasses.field(kw_only=True)  # required, after Encoder's
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -97,7 +84,4 @@ class ResNet(nn.Module):
                                bn_groups=self.bn_groups,
                                name=f"layer{stage + 1}_{block}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pooling -> (B, C)
-        return EmbeddingHead(
-            self.embedding_dim, dropout=self.dropout, fc_bias=True,
-            learn_feature_scale=False, dtype=self.dtype, bn_groups=self.bn_groups,
-            name="head")(x, train)
+        return self.head(x, train, fc_bias=True, learn_feature_scale=False)
