@@ -116,6 +116,26 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
+#: Layout ops without weights that keep the channel count: kind -> (ONNX op, output
+#: tensor prefix, node name prefix).
+_WEIGHTLESS = {
+    "relu": ("Relu", "relu", "Relu"),
+    "add": ("Add", "add", "Add"),
+    "maxpool": ("MaxPool", "pool", "MaxPool"),
+    "gap": ("GlobalAveragePool", "gap", "Pool"),
+    "flatten": ("Flatten", "flat", "Flatten"),
+}
+
+
+def _weightless_attributes(op: Any) -> dict[str, Any]:
+    """The ONNX attributes of a :data:`_WEIGHTLESS` op."""
+    if op.kind == "maxpool":
+        return dict(kernel_shape=[3, 3], strides=[op.stride, op.stride], pads=[op.pad] * 4)
+    if op.kind == "flatten":
+        return dict(axis=1)
+    return {}
+
+
 def export_onnx(model_name: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any],
                 image_size: int, path: str | os.PathLike, *, fold_bn: bool = True,
                 producer: str = "broadface_jax") -> Any:
@@ -196,27 +216,12 @@ def export_onnx(model_name: str, params: Mapping[str, Any], batch_stats: Mapping
             nodes.append(helper.make_node(
                 "PRelu", [src, const(f"{name}/alpha", alpha.reshape(-1, 1, 1))], [out], name=name))
             channels[op.dst] = channels[op.src]
-        elif op.kind == "relu":
-            out = fresh("relu")
-            nodes.append(helper.make_node("Relu", [src], [out], name=fresh("Relu")))
-            channels[op.dst] = channels[op.src]
-        elif op.kind == "add":
-            out = fresh("add")
-            nodes.append(helper.make_node("Add", [src, regs[op.other]], [out], name=fresh("Add")))
-            channels[op.dst] = channels[op.src]
-        elif op.kind == "maxpool":
-            out = fresh("pool")
-            nodes.append(helper.make_node(
-                "MaxPool", [src], [out], name=fresh("MaxPool"), kernel_shape=[3, 3],
-                strides=[op.stride, op.stride], pads=[op.pad] * 4))
-            channels[op.dst] = channels[op.src]
-        elif op.kind == "gap":
-            out = fresh("gap")
-            nodes.append(helper.make_node("GlobalAveragePool", [src], [out], name=fresh("Pool")))
-            channels[op.dst] = channels[op.src]
-        elif op.kind == "flatten":
-            out = fresh("flat")
-            nodes.append(helper.make_node("Flatten", [src], [out], name=fresh("Flatten"), axis=1))
+        elif op.kind in _WEIGHTLESS:
+            onnx_op, out_prefix, node_prefix = _WEIGHTLESS[op.kind]
+            out = fresh(out_prefix)
+            inputs = [src, regs[op.other]] if op.kind == "add" else [src]
+            nodes.append(helper.make_node(onnx_op, inputs, [out], name=fresh(node_prefix),
+                                          **_weightless_attributes(op)))
             channels[op.dst] = channels[op.src]
         elif op.kind == "fc":
             kernel = np.asarray(_get(params, op.flax + ("kernel",)), np.float64)  # H*W*C, D
