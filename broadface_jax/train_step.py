@@ -444,8 +444,13 @@ def make_embed_fn(config: Any, mesh: Mesh, model=None):
 
     Images are normalised already. N is padded up to a multiple of the device
     count (rows sharded over every device), so each distinct N compiles once;
-    callers that loop should use a fixed batch size. Every process must pass
-    the same images (each evaluates the whole target).
+    callers that loop should use a fixed batch size. With several processes
+    the call is collective: every process calls it with the same N, each
+    process's array supplies only the rows its own devices hold (the other
+    rows are not read: zeros will do; rows that a 'model' axis spanning
+    processes replicates must be the same on each), and every process gets
+    all N embeddings back (all-gathered). ``evaluation.embedding``'s
+    ``make_uint8_embed_fn`` fills each process's rows this way.
     """
     model = _model(config, model)
     batch_sh = sharding.batch_sharding(mesh)
