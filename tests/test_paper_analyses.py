@@ -3,8 +3,11 @@ the claims' paired statistics on made-up records with known differences.
 
 The end-to-end test checks that each run's JSON holds its curve, training
 metrics, mechanism numbers (with Fig. 5a errors for the queue arm) and final
-evaluation, that the summary has a verdict per claim and that the figures
-were drawn; then that a second call skips the finished runs. Stage 3 runs
+evaluation; recomputes both stage-2 arms' mechanism numbers at their last
+checkpoint in float64 NumPy from the checkpoint, the data and the model
+(``check_last_checkpoint_numbers``); checks that the summary has a verdict per
+claim and that the figures were drawn; then that a second call skips the
+finished runs. Stage 3 runs
 the same ``run_one`` with another config (checked in ``make_config``); its
 claims are checked on made-up records.
 """
@@ -59,6 +62,9 @@ def test_quick_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     assert arc["queue_rows"] == 0 and arc["comp_error"] == {}
     assert arc["union_classes"] == arc["batch_classes"]
     assert "start" in recs["s1_arcface"]["mechanism"]
+    # the numbers themselves, recomputed from the last checkpoint in float64
+    check_last_checkpoint_numbers(p, work, s2q)
+    check_last_checkpoint_numbers(p, work, recs["s2_arcface_seed1"])
 
     assert set(summary["stages"]["2"]) == {"arcface", "q8_comp"}
     assert all(c["verdict"] in ("pending (1 seed)", "pending") for c in summary["claims"])
@@ -74,6 +80,83 @@ def test_quick_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     assert "training" not in capsys.readouterr().out
     assert [c["verdict"] for c in again["claims"]] == [c["verdict"] for c in summary["claims"]]
     assert again["runs_done"] == names
+
+
+def check_last_checkpoint_numbers(p, work: pathlib.Path, rec: dict) -> None:
+    """A run's mechanism numbers at its last checkpoint (the one run_one keeps), recomputed
+    in float64 NumPy from the checkpoint, the synthetic data set and the model alone: not
+    through paper_analyses.Measurer nor broadface_jax.analysis.
+
+    train_top1 / center_cos: eval-mode embeddings of every training face (rendered by
+    ``datasets.synthetic``) against the classifier; comp_error at each lag: the queue rows
+    written ``lag`` steps ago (each shard's ring buffer advances by the per-device batch at
+    every step) against the train-mode embeddings of that step's batch, stale and with Eq. 7.
+    """
+    import jax
+
+    from broadface_jax import checkpointing, input_pipeline, sharding, train_step
+    from broadface_jax.datasets import synthetic
+    from tests.np_reference import np_compensate
+
+    spec = paper_analyses.RunSpec(rec["name"], rec["stage"], rec["queue"], rec["compensate"],
+                                  rec["seed"])
+    config = paper_analyses.make_config(p, spec, work)
+    model = paper_analyses.quick_model(p.embedding_dim)
+    step = rec["final_step"]
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = train_step.abstract_train_state(config, mesh, model)
+    state = jax.device_get(checkpointing.restore(
+        str(work / spec.name), checkpointing.abstract_like(abstract, shardings), step))
+    params, batch_stats = state.params["encoder"], state.batch_stats
+    c = int(config.num_classes)
+    w = np.asarray(state.params["classifier"]["kernel"], np.float64)[:c]
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def forward(x, train):  # x: normalised images
+        out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
+                          mutable=["batch_stats"] if train else False)
+        return np.asarray(out[0] if train else out, np.float64)
+
+    data = synthetic.spec_from_config(config)
+    images, labels = synthetic.training_examples(data, np.arange(data.num_examples), config.seed)
+    emb = unit(forward(input_pipeline.normalize_images(images.astype(np.float32), config),
+                       train=False))
+    mech = rec["mechanism"][str(step)]
+    assert mech["train_top1"] == np.mean(np.argmax(emb @ unit(w).T, axis=1) == labels)
+    centers = unit(np.stack([emb[labels == k].mean(axis=0) for k in range(c)]))
+    np.testing.assert_allclose(mech["center_cos"], np.mean(np.sum(centers * unit(w), axis=1)),
+                               rtol=1e-5, atol=1e-6)
+
+    q = state.queue
+    local, devices = int(config.per_device_batch_size), jax.device_count()
+    per_shard = int(config.queue.size_per_device)
+    held = min(step, per_shard // local)  # steps the queue holds (no pre-fill)
+    lags = [lag for lag in p.lags if lag <= held]
+    assert sorted(mech["comp_error"], key=int) == [str(lag) for lag in lags]
+    assert lags or not per_shard  # the queue arm measures at least one lag
+    for lag in lags:
+        offset = ((step - lag) * local) % per_shard  # written by training step step - lag + 1
+        rows = (np.arange(devices)[:, None] * per_shard + offset + np.arange(local)).ravel()
+        it = input_pipeline.create_train_iterator(config, start_step=step - lag)
+        batch = next(it)
+        it.close()
+        assert np.array_equal(np.asarray(q.labels)[rows], batch["label"]) and q.valid[rows].all()
+        current = unit(forward(batch["image"], train=True))  # flips as in training
+        stale = np.asarray(q.embeddings, np.float64)[rows]
+        w_old = np.asarray(q.weights, np.float64)[rows]
+        w_cur = w[np.asarray(q.labels)[rows]]
+        want = dict(stale=np.mean(1 - np.sum(current * unit(stale), axis=1)),
+                    compensated=np.mean(1 - np.sum(
+                        current * unit(np_compensate(stale, w_old, w_cur)), axis=1)),
+                    drift_w=np.mean(1 - np.sum(unit(w_old) * unit(w_cur), axis=1)))
+        got = mech["comp_error"][str(lag)]
+        for key, value in want.items():  # measured: ~2e-6 apart (jit vs not); Eq. 7 moves
+            # the quick run's errors by ~3e-3 relative, so a missing compensation fails
+            np.testing.assert_allclose(got[key], value, rtol=5e-5, atol=1e-12,
+                                       err_msg=f"{rec['name']} lag {lag} {key}")
 
 
 def test_bad_arguments_are_named():
