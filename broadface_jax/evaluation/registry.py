@@ -143,8 +143,7 @@ def option_problems(spec: TargetSpec) -> list[str]:
 
 
 def _entries(config: Any) -> Mapping[str, Any]:
-    evals = config.get("evals", None) if hasattr(config, "get") else getattr(config, "evals", None)
-    return evals if evals is not None else {}
+    return config.evals
 
 
 def resolve_target(item: str, config: Any, where: str = "config.eval.targets") -> TargetSpec:
