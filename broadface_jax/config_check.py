@@ -319,7 +319,7 @@ def _across_fields(config: Any) -> list[tuple[tuple[str, ...], Callable[[], list
     def normalize() -> list[str]:
         _, augment = _field(config, "dataset.augment")
         _, norm = _field(config, "dataset.normalize")
-        if augment == "face" and norm not in (None, "face"):
+        if augment == "face" and norm == "imagenet":  # an unknown name: its own rule
             return [f"config.dataset.normalize={norm!r}: needs config.dataset.augment="
                     "'retrieval' (the face pipeline normalises to [-1, 1])"]
         return []

@@ -24,12 +24,16 @@ pytree`` and ``update_state(state, cos_y) -> pytree``: the state lives in
 once per step from the batch's target cosines, and the updated state scores the
 batch and the queue of that step.
 
-Fields: ``config.loss.s`` (the scale, used by every loss) and the margin
-fields ``m1``, ``m2``, ``m3``, which default to ``None`` in
-``configs/default.py``. ``None`` takes the loss's default below; a field that
-the chosen loss does not use must stay ``None`` (``check_fields``): setting
-``m1`` for ArcFace is an error naming the field, its value and the loss, not
-a silently ignored number.
+Fields: ``config.loss.s`` (the scale, used by every loss) and the
+hyperparameters the registry entries declare (:class:`Hyperparameter`: default
+and allowed range; today ``m1``, ``m2``, ``m3``). ``configs/default.py`` makes
+one ``config.loss`` field per declared name (:func:`hyperparameter_names`),
+None by default: None takes the loss's default, ``config_check`` checks a set
+value against the chosen loss's range, and a field that the chosen loss does
+not use must stay None (:func:`field_problems`): setting ``m1`` for ArcFace is
+an error naming the field, its value and the loss, not a silently ignored
+number. A loss with a new hyperparameter is its module and its registry line;
+nothing else lists the fields.
 
 This module is light (no JAX): ``config_check`` reads the names and fields
 from it. The JAX parts are imported on first use (``losses.build``,
@@ -75,7 +79,7 @@ SCALE = Hyperparameter(64.0, 0.0, low_open=True)
 class LossSpec:
     """Where a loss lives and which hyperparameters it uses (default and range of each)."""
 
-    module: str  # module in this package
+    module: str  # module in this package ('margin'), or a dotted module path elsewhere
     logits: str  # its logits function
     fields: Mapping[str, Hyperparameter]  # hyperparameters it uses besides s
     init_state: str | None = None  # stateful losses: () -> pytree
@@ -158,10 +162,15 @@ def resolve(loss_config: Any) -> tuple[str, dict[str, float]]:
 
 
 def spec_function(spec: LossSpec, attr: str | None):
-    """The function named ``attr`` in the spec's module (imports it)."""
+    """The function named ``attr`` in the spec's module (imports it).
+
+    ``spec.module`` is a module of this package (``'margin'``) or, with a dot,
+    any importable module (``'mypkg.my_loss'``): a loss defined elsewhere.
+    """
     if attr is None:
         return None
-    return getattr(importlib.import_module(f"{__name__}.{spec.module}"), attr)
+    module = spec.module if "." in spec.module else f"{__name__}.{spec.module}"
+    return getattr(importlib.import_module(module), attr)
 
 
 # The JAX API, imported on first use (PEP 562) so that this package stays light.
