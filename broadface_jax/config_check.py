@@ -19,6 +19,16 @@ checkpoints of ``restore_step``) run next, still before anything is written
 A data set name (``dataset.tfds_name``) must be one of this package's
 builders or a data set already prepared in ``dataset.data_dir``; close
 matches are suggested among those names only.
+
+Every rule on a config field lives here, once (:func:`rules`, and the rules
+across fields); the names and options come from the registries that own them
+(``models``, ``losses`` with each loss's declared hyperparameters, ``optim``,
+``input_pipeline``, ``datasets``, ``evaluation``). Code that needs a field
+valid calls :func:`check` with the fields it reads (``models.build_encoder``,
+``train_step.validate_config`` / ``build_optimizer``,
+``train.Schedule.from_config``, the input pipeline) and raises the same line.
+A field missing from a config is an error: every config starts from
+``configs/default.py``.
 """
 
 from __future__ import annotations

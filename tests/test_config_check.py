@@ -205,3 +205,23 @@ def test_parts_are_built_once_and_passed(monkeypatch):
     train_step.make_embed_fn(config, mesh, parts.model)
     with pytest.raises(ValueError, match="either as model= or in parts="):
         train_step.build_train_step(config, TinyEncoder(embedding_dim=6), mesh, parts=parts)
+
+
+def test_a_config_recorded_in_a_workdir_reads_back_valid(tmp_path):
+    """config.json (today's format) -> restore.workdir_config: still valid, targets resolve.
+
+    workdir.flatten records leaves only, so an empty ``evals`` is not in it: the
+    one field read as optional (evaluation.registry), every other one is there.
+    """
+    from broadface_jax import evaluation, restore, workdir
+
+    config = tiny_config(eval__targets=("synthetic",), dataset__normalize="imagenet",
+                         dataset__augment="retrieval")
+    workdir.record_config(str(tmp_path), config)
+    recorded = restore.workdir_config(str(tmp_path))
+    assert config_check.problems(recorded) == []
+    assert evaluation.resolve_target("synthetic", recorded).type == "synthetic"
+    assert input_pipeline.RetrievalAugment.from_config(recorded) == (
+        input_pipeline.RetrievalAugment.from_config(config))
+    np.testing.assert_array_equal(input_pipeline.normalization(recorded)[0],
+                                  np.asarray(input_pipeline.IMAGENET_MEAN, np.float32))
