@@ -150,8 +150,13 @@ def _make_mesh(config: Any) -> jax.sharding.Mesh:
     try:
         return sharding.make_mesh(config.mesh)
     except ValueError as e:
-        text = str(e) if "device" in str(e) else f"{e} (on {jax.device_count()} devices)"
-        raise config_check.ConfigError(text) from None
+        raise config_check.ConfigError(_on_devices(e)) from None
+
+
+def _on_devices(error: Exception) -> str:
+    """The message, with the device count when it does not say already."""
+    text = str(error)
+    return text if "device" in text else f"{text} (on {jax.device_count()} devices)"
 
 
 def check_before_writing(config: Any, workdir: str, model=None, *,
@@ -170,7 +175,7 @@ def check_before_writing(config: Any, workdir: str, model=None, *,
     try:
         train_step.validate_config(config, mesh)
     except ValueError as e:
-        raise config_check.ConfigError(f"{e} (on {jax.device_count()} devices)") from None
+        raise config_check.ConfigError(_on_devices(e)) from None
     rollback_target(config, workdir)
     check_memory(config, mesh, model, parts=parts)
 
