@@ -43,9 +43,6 @@ CLASSIFIER_SHARDINGS = ("replicated", "model", "all")
 DATASET_KINDS = ("tfds", "synthetic")
 #: The parts with their own optimizer (``config.optimizer.<part>``).
 PARTS = ("encoder", "classifier")
-#: Smallest input side each backbone family reduces to >= 1x1 (total stride).
-MIN_IMAGE_SIZE = {"resnet50": 32}
-DEFAULT_MIN_IMAGE_SIZE = 16
 
 
 class ConfigError(ValueError):
@@ -214,7 +211,7 @@ def rules(config: Any) -> list[tuple[str, Callable[[Any], str | None]]]:
     from broadface_jax import input_pipeline, losses, models, optim  # light: no JAX
 
     _, model_name = _field(config, "model.name")
-    min_size = MIN_IMAGE_SIZE.get(model_name, DEFAULT_MIN_IMAGE_SIZE)
+    min_size = models.min_image_size(model_name)
     out: list[tuple[str, Callable[[Any], str | None]]] = [
         ("seed", _int_at_least(0)),
         ("model.name", _one_of(sorted(models.REGISTRY))),

@@ -36,6 +36,17 @@ REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "resnet50": ("resnet", "ResNet", {"stage_sizes": (3, 4, 6, 3)}),
 }
 
+#: Smallest input side each backbone reduces to >= 1x1 (its total stride); others: 16.
+MIN_IMAGE_SIZE: dict[str, int] = {"resnet50": 32}
+DEFAULT_MIN_IMAGE_SIZE = 16
+
+
+def min_image_size(name: str) -> int:
+    """The smallest ``config.image_size`` the encoder ``name`` takes (``config_check``)."""
+    return MIN_IMAGE_SIZE.get(name, DEFAULT_MIN_IMAGE_SIZE) if isinstance(name, str) else (
+        DEFAULT_MIN_IMAGE_SIZE)
+
+
 #: ``model.dtype`` values: the encoder's compute dtype (parameters stay float32).
 DTYPES = ("float32", "bfloat16")
 #: ``model.batch_norm`` values (see the module docstring).
@@ -104,4 +115,4 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["BATCH_NORM_MODES", "DTYPES", "REGISTRY", "build_encoder", "count_params", "init_variables"]
+__all__ = ["BATCH_NORM_MODES", "DTYPES", "MIN_IMAGE_SIZE", "REGISTRY", "min_image_size", "build_encoder", "count_params", "init_variables"]
