@@ -156,9 +156,6 @@ def _target_problems(config: Any) -> list[str]:
     return found
 
 
-_MISSING = object()
-
-
 def _field(config: Any, dotted: str) -> tuple[bool, Any]:
     node = config
     for part in dotted.split("."):
@@ -367,8 +364,9 @@ def problems(config: Any, only: Iterable[str] | None = None) -> list[str]:
     """Every invalid field as ``'config.<field>=<value>: <what is allowed>'``.
 
     ``only``: dotted fields or groups (``'queue'``, ``'model.dtype'``) to check
-    (None: all); a rule on several fields runs when all of them are. A field missing from ``config`` is a problem too (every
-    config starts from ``configs/default.py``, which has them all).
+    (None: all); a rule on several fields runs when all of them are. A field
+    missing from ``config`` is a problem too (every config starts from
+    ``configs/default.py``, which has them all).
     """
     only = None if only is None else tuple(only)
     found: list[str] = []

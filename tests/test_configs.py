@@ -1,4 +1,4 @@
-"""Every config file and every variant loads as ``--config configs/X.py:variant`` does and is valid."""
+"""Every config file and variant loads as ``--config configs/X.py:variant`` does, and is valid."""
 
 from __future__ import annotations
 

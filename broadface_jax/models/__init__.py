@@ -115,4 +115,5 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["BATCH_NORM_MODES", "DTYPES", "MIN_IMAGE_SIZE", "REGISTRY", "min_image_size", "build_encoder", "count_params", "init_variables"]
+__all__ = ["BATCH_NORM_MODES", "DTYPES", "MIN_IMAGE_SIZE", "REGISTRY", "build_encoder",
+           "count_params", "init_variables", "min_image_size"]
