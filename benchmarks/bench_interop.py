@@ -84,7 +84,7 @@ print(json.dumps({"seconds": seconds, "rss_before_mib": before, "peak_rss_mib": 
 def _config(model: str, dim: int) -> dict:
     return {"image_size": 112,
             "model": {"name": model, "embedding_dim": dim, "width": 1.0, "dropout": 0.0,
-                      "dtype": "float32"}}
+                      "dtype": "float32", "batch_norm": "global"}}
 
 
 def make_files(model: str, folder: pathlib.Path, seed: int) -> dict:

@@ -38,7 +38,8 @@ TINY = [("iresnet18", 0.125, 32, 64), ("iresnet50", 0.125, 32, 64),
 
 def _config(name: str, dim: int, width: float, dtype: str = "float32") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
-        dict(name=name, embedding_dim=dim, width=width, dropout=0.0, dtype=dtype))
+        dict(name=name, embedding_dim=dim, width=width, dropout=0.0, dtype=dtype,
+             batch_norm="global"))
 
 
 def _abstract(module, size: int):

@@ -47,11 +47,8 @@ _SAMPLE_STREAM = 0x53414D50  # 'SAMP'
 
 
 def sample_rate(config: Any) -> float:
-    """``config.classifier.sample_rate`` (1.0 for configs written before the field)."""
-    group = config.get("classifier") if hasattr(config, "get") else None
-    if group is None:
-        return 1.0
-    return float(group.get("sample_rate", 1.0))
+    """``config.classifier.sample_rate`` (its range is ``config_check``'s)."""
+    return float(config.classifier.sample_rate)
 
 
 def sample_size(rate: float, rows_per_shard: int) -> int:

@@ -19,6 +19,16 @@ checkpoints of ``restore_step``) run next, still before anything is written
 A data set name (``dataset.tfds_name``) must be one of this package's
 builders or a data set already prepared in ``dataset.data_dir``; close
 matches are suggested among those names only.
+
+Every rule on a config field lives here, once (:func:`rules`, and the rules
+across fields); the names and options come from the registries that own them
+(``models``, ``losses`` with each loss's declared hyperparameters, ``optim``,
+``input_pipeline``, ``datasets``, ``evaluation``). Code that needs a field
+valid calls :func:`check` with the fields it reads (``models.build_encoder``,
+``train_step.validate_config`` / ``build_optimizer``,
+``train.Schedule.from_config``, the input pipeline) and raises the same line.
+A field missing from a config is an error: every config starts from
+``configs/default.py``.
 """
 
 from __future__ import annotations
@@ -29,12 +39,10 @@ from typing import Any, Callable, Iterable
 
 from broadface_jax.suggest import did_you_mean as _suggest
 
-OPTIMIZER_NAMES = ("sgd", "adam")
 CLASSIFIER_SHARDINGS = ("replicated", "model", "all")
 DATASET_KINDS = ("tfds", "synthetic")
-#: Smallest input side each backbone family reduces to >= 1x1 (total stride).
-MIN_IMAGE_SIZE = {"resnet50": 32}
-DEFAULT_MIN_IMAGE_SIZE = 16
+#: The parts with their own optimizer (``config.optimizer.<part>``).
+PARTS = ("encoder", "classifier")
 
 
 class ConfigError(ValueError):
@@ -169,120 +177,226 @@ def _data_set_names(data_dir: str) -> list[str]:
     return sorted(names)
 
 
-def problems(config: Any) -> list[str]:
-    """Every invalid field as ``'config.<field>=<value>: <what is allowed>'``."""
-    found: list[str] = []
+def _pair(lo: float, hi: float | None, what: str) -> Callable[[Any], str | None]:
+    """(a, b) with lo < a <= b (<= hi): a random resized crop's range."""
+    bound = f"0 < lo <= hi <= {hi:g}" if hi is not None else "0 < lo <= hi"
 
-    def check(dotted: str, rule: Callable[[Any], str | None]) -> None:
+    def check(v: Any) -> str | None:
+        ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v)
+              and lo < v[0] <= v[1] and (hi is None or v[1] <= hi))
+        return None if ok else f"must be (lo, hi) with {bound} ({what})"
+
+    return check
+
+
+def _hyperparameter(h: Any) -> Callable[[Any], str | None]:
+    """The range rule of a loss hyperparameter declared in ``losses.REGISTRY``."""
+    return _number(h.low, h.high, lo_open=h.low_open, hi_open=h.high_open)
+
+
+def rules(config: Any) -> list[tuple[str, Callable[[Any], str | None]]]:
+    """(dotted field, rule) for every field of ``configs/default.py`` checked on its own.
+
+    A rule maps the value to ``None`` (fine) or what is allowed. Some depend on
+    other fields (the smallest ``image_size`` on ``model.name``, a loss's
+    hyperparameters on ``loss.name``, the synthetic sizes on ``dataset.name``).
+    The names and options come from the registries that own them: encoders
+    and dtypes (``models``), losses and their hyperparameters (``losses``),
+    optimizers (``optim``), augmentations and normalisations
+    (``input_pipeline``), data sets (``datasets``).
+    """
+    from broadface_jax import input_pipeline, losses, models, optim  # light: no JAX
+
+    _, model_name = _field(config, "model.name")
+    min_size = models.min_image_size(model_name)
+    out: list[tuple[str, Callable[[Any], str | None]]] = [
+        ("seed", _int_at_least(0)),
+        ("model.name", _one_of(sorted(models.REGISTRY))),
+        ("model.embedding_dim", _int_at_least(1)),
+        ("model.width", _number(0, lo_open=True)),
+        ("model.dropout", _number(0, 1, hi_open=True)),
+        ("model.dtype", _one_of(models.DTYPES)),
+        ("model.batch_norm", _one_of(models.BATCH_NORM_MODES)),
+        ("loss.name", _one_of(losses.names())),
+        ("loss.s", _hyperparameter(losses.SCALE)),
+    ]
+    _, loss_name = _field(config, "loss.name")
+    spec = losses.REGISTRY.get(loss_name) if isinstance(loss_name, str) else None
+    for name in losses.hyperparameter_names():  # unused ones: losses.field_problems
+        if spec is not None and name in spec.fields:
+            out.append((f"loss.{name}", _optional(_hyperparameter(spec.fields[name]))))
+        else:
+            out.append((f"loss.{name}", lambda v: None))  # present; unused: field_problems
+    out += [
+        ("queue.size_per_device", _int_at_least(0, " (0 = no queue: plain ArcFace/CosFace)")),
+        ("queue.compensate", _bool),
+        ("queue.chunk_size", _int_at_least(0, " (0 = unchunked)")),
+        ("queue.prefill_steps", _int_at_least(0, " (0 = the queue starts empty)")),
+        ("num_classes", lambda v: None if _is_int(v) and (v == 0 or v >= 2) else
+         "must be an integer >= 2, or 0 to take it from the data set's metadata"),
+        ("per_device_batch_size", _int_at_least(1)),
+        ("image_size", _int_at_least(min_size, f" (the smallest input {model_name!r} reduces "
+                                               "to at least 1x1)")),
+        ("dataset.name", _one_of(DATASET_KINDS)),
+        ("dataset.tfds_name", _string),
+        ("dataset.data_dir", _string),
+        ("dataset.split", lambda v: None if isinstance(v, str) and v else
+         "must be a non-empty split name"),
+        ("dataset.random_flip", _bool),
+        ("dataset.augment", _one_of(input_pipeline.AUGMENTATIONS)),
+        ("dataset.normalize", _one_of(input_pipeline.NORMALIZATIONS)),
+    ]
+    _, image_size = _field(config, "image_size")
+    out += [
+        ("dataset.resize_to", lambda v: None if _is_int(v) and _is_int(image_size)
+         and v >= image_size else f"must be an integer >= config.image_size ({image_size!r})"),
+        ("dataset.crop_scale", _pair(0.0, 1.0, "area fraction")),
+        ("dataset.crop_ratio", _pair(0.0, None, "aspect ratio w/h")),
+    ]
+    _, kind = _field(config, "dataset.name")
+    if kind == "synthetic":
+        out += [
+            ("dataset.synthetic.num_identities", _int_at_least(2)),
+            ("dataset.synthetic.heldout_identities", _int_at_least(0)),
+            ("dataset.synthetic.samples_per_identity", _int_at_least(1)),
+        ]
+    out += [
+        ("total_steps", _int_at_least(1)),
+        ("lr", _number(0, lo_open=True)),
+        ("lr_boundaries", _boundaries),
+        ("lr_decay", _number(0, lo_open=True)),
+        ("warmup_steps", _int_at_least(0)),
+    ]
+    for part in PARTS:
+        out += [
+            (f"optimizer.{part}.name", _one_of(optim.names())),
+            (f"optimizer.{part}.momentum", _number(0, 1, hi_open=True)),
+            (f"optimizer.{part}.weight_decay", _number(0)),
+            (f"optimizer.{part}.lr_scale", _number(0)),
+        ]
+    out += [
+        ("grad_clip_norm", _number(0)),
+        ("mesh.data", lambda v: None if _is_int(v) and (v == -1 or v >= 1) else
+         "must be -1 (all devices not used by 'model') or an integer >= 1"),
+        ("mesh.model", _int_at_least(1)),
+        ("classifier_sharding", _one_of(CLASSIFIER_SHARDINGS)),
+        ("classifier.sample_rate", _number(0, 1, lo_open=True)),
+        ("init_from", _string),
+        ("init_classifier", _bool),
+        ("restore_step", _int_at_least(0, " (0 = the latest checkpoint)")),
+        ("allow_resume_changes", _string),
+        ("start_over", _bool),
+    ]
+    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        out.append((field, lambda v: None if _is_int(v) else
+                    "must be an integer number of steps (0 or less: only at the end)"))
+    out += [
+        ("profile_steps", _int_at_least(0, " (0 = no profile)")),
+        ("keep_checkpoints", _int_at_least(0, " (0 = keep all)")),
+        ("eval.targets", _targets),
+        ("eval.batch_size", _int_at_least(1)),
+        ("eval.data_root", _string),
+        ("eval.bin_dir", _string),
+        ("eval.cache_dir", _string),
+        ("eval.tfds_data_dir", _string),
+    ]
+    return out
+
+
+def ring_buffer_problem(queue_per_device: Any, batch_per_device: Any) -> str | None:
+    """The queue is written a whole batch at a time: its size must be a multiple of the batch."""
+    q, b = queue_per_device, batch_per_device
+    if _is_int(q) and _is_int(b) and q > 0 and b > 0 and q % b:
+        return (f"config.queue.size_per_device={q}: must be a multiple of "
+                f"config.per_device_batch_size={b} (the ring buffer writes whole batches)")
+    return None
+
+
+def _across_fields(config: Any) -> list[tuple[tuple[str, ...], Callable[[], list[str]]]]:
+    """Rules on several fields (or on the registries' own checks): (fields, problems)."""
+
+    def ring() -> list[str]:
+        why = ring_buffer_problem(_field(config, "queue.size_per_device")[1],
+                                  _field(config, "per_device_batch_size")[1])
+        return [why] if why else []
+
+    def normalize() -> list[str]:
+        _, augment = _field(config, "dataset.augment")
+        _, norm = _field(config, "dataset.normalize")
+        if augment == "face" and norm == "imagenet":  # an unknown name: its own rule
+            return [f"config.dataset.normalize={norm!r}: needs config.dataset.augment="
+                    "'retrieval' (the face pipeline normalises to [-1, 1])"]
+        return []
+
+    def data_set() -> list[str]:
+        _, kind = _field(config, "dataset.name")
+        _, tfds_name = _field(config, "dataset.tfds_name")
+        if kind != "tfds" or not isinstance(tfds_name, str):
+            return []
+        _, data_dir = _field(config, "dataset.data_dir")
+        names = _data_set_names(str(data_dir or ""))
+        if tfds_name in names:
+            return []
+        where = f" or prepared in {data_dir!r}" if data_dir else ""
+        return [f"config.dataset.tfds_name={tfds_name!r}: not one of broadface_jax's "
+                f"data sets{where}{_suggest(tfds_name, names)}; known: {', '.join(names)}"]
+
+    def loss_fields() -> list[str]:
+        from broadface_jax import losses  # noqa: PLC0415
+
+        present, loss_config = _field(config, "loss")
+        return losses.field_problems(loss_config) if present else []
+
+    return [
+        (("loss",), loss_fields),
+        (("queue.size_per_device", "per_device_batch_size"), ring),
+        (("dataset.tfds_name", "dataset.name", "dataset.data_dir"), data_set),
+        (("dataset.augment", "dataset.normalize"), normalize),
+        (("eval.targets", "evals"), lambda: _target_problems(config)),
+    ]
+
+
+def _selected(dotted: str, only: Iterable[str] | None) -> bool:
+    return only is None or any(dotted == p or dotted.startswith(p + ".") for p in only)
+
+
+def problems(config: Any, only: Iterable[str] | None = None) -> list[str]:
+    """Every invalid field as ``'config.<field>=<value>: <what is allowed>'``.
+
+    ``only``: dotted fields or groups (``'queue'``, ``'model.dtype'``) to check
+    (None: all); a rule on several fields runs when all of them are. A field
+    missing from ``config`` is a problem too (every config starts from
+    ``configs/default.py``, which has them all).
+    """
+    only = None if only is None else tuple(only)
+    found: list[str] = []
+    for dotted, rule in rules(config):
+        if not _selected(dotted, only):
+            continue
         present, value = _field(config, dotted)
         if not present:
-            return  # configs written for older versions; the code using it says so
+            parent, _, leaf = dotted.rpartition(".")
+            found.append(f"config{'.' + parent if parent else ''} has no field {leaf!r} "
+                         "(configs/default.py lists every field)")
+            continue
         why = rule(value)
         if why:
             found.append(f"config.{dotted}={value!r}: {why}")
-
-    from broadface_jax import models
-
-    model_names = sorted(models.REGISTRY)
-    check("seed", _int_at_least(0))
-    check("model.name", _one_of(model_names))
-    check("model.embedding_dim", _int_at_least(1))
-    check("model.width", _number(0, lo_open=True))
-    check("model.dropout", _number(0, 1, hi_open=True))
-    check("model.dtype", _one_of(("float32", "bfloat16")))
-    check("model.batch_norm", _one_of(models.BATCH_NORM_MODES))
-
-    from broadface_jax import losses  # light: the loss modules load on demand
-
-    check("loss.name", _one_of(losses.names()))
-    check("loss.s", _number(0, lo_open=True))
-    check("loss.m1", _optional(_number(0, lo_open=True)))
-    check("loss.m2", _optional(_number(0, math.pi, hi_open=True)))
-    check("loss.m3", _optional(_number(0, 2, hi_open=True)))
-    present, loss_config = _field(config, "loss")
-    if present:
-        found.extend(losses.field_problems(loss_config))
-
-    check("queue.size_per_device", _int_at_least(0, " (0 = no queue: plain ArcFace/CosFace)"))
-    check("queue.compensate", _bool)
-    check("queue.chunk_size", _int_at_least(0, " (0 = unchunked)"))
-    check("queue.prefill_steps", _int_at_least(0, " (0 = the queue starts empty)"))
-
-    check("num_classes", lambda v: None if _is_int(v) and (v == 0 or v >= 2) else
-          "must be an integer >= 2, or 0 to take it from the data set's metadata")
-    check("per_device_batch_size", _int_at_least(1))
-    _, name = _field(config, "model.name")
-    min_size = MIN_IMAGE_SIZE.get(name, DEFAULT_MIN_IMAGE_SIZE)
-    check("image_size", _int_at_least(min_size, f" (the smallest input {name!r} reduces "
-                                                "to at least 1x1)"))
-    _, q = _field(config, "queue.size_per_device")
-    _, b = _field(config, "per_device_batch_size")
-    if _is_int(q) and _is_int(b) and q > 0 and b > 0 and q % b:
-        found.append(f"config.queue.size_per_device={q}: must be a multiple of "
-                     f"config.per_device_batch_size={b} (the ring buffer writes whole batches)")
-
-    check("dataset.name", _one_of(DATASET_KINDS))
-    check("dataset.random_flip", _bool)
-    check("dataset.split", lambda v: None if isinstance(v, str) and v else
-          "must be a non-empty split name")
-    _, kind = _field(config, "dataset.name")
-    if kind == "tfds":
-        _, data_dir = _field(config, "dataset.data_dir")
-        present, tfds_name = _field(config, "dataset.tfds_name")
-        if present:
-            names = _data_set_names(str(data_dir or ""))
-            if tfds_name not in names:
-                where = f" or prepared in {data_dir!r}" if data_dir else ""
-                found.append(
-                    f"config.dataset.tfds_name={tfds_name!r}: not one of broadface_jax's "
-                    f"data sets{where}{_suggest(tfds_name, names)}; known: {', '.join(names)}")
-    elif kind == "synthetic":
-        check("dataset.synthetic.num_identities", _int_at_least(2))
-        check("dataset.synthetic.heldout_identities", _int_at_least(0))
-        check("dataset.synthetic.samples_per_identity", _int_at_least(1))
-
-    check("total_steps", _int_at_least(1))
-    check("lr", _number(0, lo_open=True))
-    check("lr_boundaries", _boundaries)
-    check("lr_decay", _number(0, lo_open=True))
-    check("warmup_steps", _int_at_least(0))
-    for part in ("encoder", "classifier"):
-        check(f"optimizer.{part}.name", _one_of(OPTIMIZER_NAMES))
-        check(f"optimizer.{part}.momentum", _number(0, 1, hi_open=True))
-        check(f"optimizer.{part}.weight_decay", _number(0))
-        check(f"optimizer.{part}.lr_scale", _number(0))
-    check("grad_clip_norm", _number(0))
-
-    check("mesh.data", lambda v: None if _is_int(v) and (v == -1 or v >= 1) else
-          "must be -1 (all devices not used by 'model') or an integer >= 1")
-    check("mesh.model", _int_at_least(1))
-    check("classifier_sharding", _one_of(CLASSIFIER_SHARDINGS))
-    check("classifier.sample_rate", _number(0, 1, lo_open=True))
-
-    check("init_from", _string)
-    check("init_classifier", _bool)
-    check("restore_step", _int_at_least(0, " (0 = the latest checkpoint)"))
-    check("allow_resume_changes", _string)
-    check("start_over", _bool)
-
-    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
-        check(field, lambda v: None if _is_int(v) else
-              "must be an integer number of steps (0 or less: only at the end)")
-    check("profile_steps", _int_at_least(0, " (0 = no profile)"))
-    check("keep_checkpoints", _int_at_least(0, " (0 = keep all)"))
-    check("eval.targets", _targets)
-    found.extend(_target_problems(config))
-    check("eval.batch_size", _int_at_least(1))
-    check("eval.data_root", _string)
-    check("eval.bin_dir", _string)
-    check("eval.cache_dir", _string)
+    for fields, rule in _across_fields(config):
+        if all(_selected(f, only) for f in fields):
+            found.extend(rule())
     return found
 
 
-def validate(config: Any) -> None:
-    """Raises :class:`ConfigError` listing every invalid field (see the module doc)."""
-    found = problems(config)
+def check(config: Any, only: Iterable[str] | None = None) -> None:
+    """:func:`validate` of the fields in ``only`` (see :func:`problems`)."""
+    found = problems(config, only)
     if found:
         plural = "s" if len(found) > 1 else ""
         raise ConfigError(f"config has {len(found)} invalid field{plural}:\n  "
                           + "\n  ".join(found))
+
+
+def validate(config: Any) -> None:
+    """Raises :class:`ConfigError` listing every invalid field (see the module doc)."""
+    check(config)

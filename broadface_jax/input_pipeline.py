@@ -63,26 +63,20 @@ _CROP_SALT = 0xC409
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, RGB, on x / 255
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``config.dataset.augment`` / ``normalize`` values (``config_check`` checks them).
 AUGMENTATIONS = ("face", "retrieval")
 NORMALIZATIONS = ("face", "imagenet")
 
 
 # ---------------------------------------------------------- normalisation
-def _dataset_field(config: Any, name: str, default: Any) -> Any:
-    """config.dataset.<name>, or `default` for configs written before the field existed."""
-    ds = config.dataset
-    value = ds.get(name, default) if hasattr(ds, "get") else getattr(ds, name, default)
-    return default if value is None else value
-
-
 def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) f32[3] on the x / 255 scale for `config.dataset.normalize`."""
-    kind = _dataset_field(config, "normalize", "face")
-    if kind == "face":
+    from broadface_jax import config_check  # noqa: PLC0415
+
+    config_check.check(config, only=("dataset.normalize",))
+    if config.dataset.normalize == "face":
         return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
-    if kind == "imagenet":
-        return np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    raise ValueError(f"config.dataset.normalize must be one of {NORMALIZATIONS}, got {kind!r}")
+    return np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
 
 
 def normalize_images(images: np.ndarray, config: Any) -> np.ndarray:
@@ -104,18 +98,13 @@ class RetrievalAugment:
 
     @classmethod
     def from_config(cls, config: Any) -> "RetrievalAugment":
-        resize_to = _dataset_field(config, "resize_to", 256)
-        scale = tuple(float(v) for v in _dataset_field(config, "crop_scale", (0.16, 1.0)))
-        ratio = tuple(float(v) for v in _dataset_field(config, "crop_ratio", (0.75, 1.33)))
-        size = int(config.image_size)
-        if isinstance(resize_to, bool) or not isinstance(resize_to, (int, np.integer)) or resize_to < size:
-            raise ValueError(f"config.dataset.resize_to={resize_to!r} must be an integer >= "
-                             f"config.image_size ({size})")
-        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"config.dataset.crop_scale={scale} must be (lo, hi) with 0 < lo <= hi <= 1")
-        if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"config.dataset.crop_ratio={ratio} must be (lo, hi) with 0 < lo <= hi")
-        return cls(int(resize_to), scale, ratio)
+        from broadface_jax import config_check  # noqa: PLC0415 (the rules live there)
+
+        config_check.check(config, only=("dataset.resize_to", "dataset.crop_scale",
+                                          "dataset.crop_ratio"))
+        ds = config.dataset
+        return cls(int(ds.resize_to), tuple(float(v) for v in ds.crop_scale),
+                   tuple(float(v) for v in ds.crop_ratio))
 
 
 def random_resized_crop_window(rng: np.random.Generator, height: int, width: int,
@@ -587,20 +576,17 @@ def create_train_iterator(config: Any, start_step: int = 0) -> "TrainIterator":
     source = _make_source(config, process_index, process_count)
     stream = IndexStream(source.num_examples, sharding.local_batch_size(config), config.seed,
                          process_index)
-    augment = _dataset_field(config, "augment", "face")
+    from broadface_jax import config_check  # noqa: PLC0415
+
+    config_check.check(config, only=("dataset.augment", "dataset.normalize"))
     mean, std = normalization(config)
-    if augment == "retrieval":
+    if config.dataset.augment == "retrieval":
         ds = _build_retrieval_dataset(source, stream, start_step, int(config.image_size),
                                       bool(config.dataset.random_flip),
                                       RetrievalAugment.from_config(config), mean, std)
-    elif augment == "face" and _dataset_field(config, "normalize", "face") == "face":
+    else:  # 'face', normalised to [-1, 1] (config_check)
         ds = _build_dataset(source, stream, start_step, int(config.image_size),
                             bool(config.dataset.random_flip), mean, std)
-    elif augment == "face":
-        raise ValueError(f"config.dataset.normalize={config.dataset.normalize!r} needs "
-                         "config.dataset.augment='retrieval' (the face pipeline normalises to [-1, 1])")
-    else:
-        raise ValueError(f"config.dataset.augment must be one of {AUGMENTATIONS}, got {augment!r}")
     return TrainIterator(ds, source, stream, start_step, int(config.num_classes), tf)
 
 

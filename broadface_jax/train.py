@@ -103,18 +103,10 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config: Any) -> "Schedule":
-        values = {}
-        for field in ("total_steps", "log_every_steps", "checkpoint_every_steps",
-                      "eval_every_steps"):
-            value = config[field]
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"config.{field}={value!r} must be an integer "
-                                 "number of steps")
-            values[field] = int(value)
-        if values["total_steps"] < 1:
-            raise ValueError(f"config.total_steps={values['total_steps']} must be >= 1")
-        return cls(values["total_steps"], values["log_every_steps"],
-                   values["checkpoint_every_steps"], values["eval_every_steps"])
+        """The schedule of ``config`` (its fields' rules are ``config_check``'s)."""
+        fields = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps")
+        config_check.check(config, only=fields)
+        return cls(*(int(config[field]) for field in fields))
 
     @staticmethod
     def _due(step: int, every: int, total: int) -> bool:
@@ -153,7 +145,22 @@ def _check_paths(config: Any) -> None:
             "checkpoint folder of another run to warm-start from)")
 
 
-def check_before_writing(config: Any, workdir: str, model=None) -> None:
+def _make_mesh(config: Any) -> jax.sharding.Mesh:
+    """``sharding.make_mesh(config.mesh)``; a mesh the devices cannot form is a ConfigError."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError as e:
+        raise config_check.ConfigError(_on_devices(e)) from None
+
+
+def _on_devices(error: Exception) -> str:
+    """The message, with the device count when it does not say already."""
+    text = str(error)
+    return text if "device" in text else f"{text} (on {jax.device_count()} devices)"
+
+
+def check_before_writing(config: Any, workdir: str, model=None, *,
+                         parts: Optional[train_step.Parts] = None) -> None:
     """What needs the devices, checked before the workdir, config.json or run.lock exist.
 
     The mesh shape (``mesh.data`` x ``mesh.model`` against the devices), the
@@ -164,14 +171,13 @@ def check_before_writing(config: Any, workdir: str, model=None) -> None:
     Raises:
       config_check.ConfigError: one line per field at fault.
     """
+    mesh = _make_mesh(config)
     try:
-        mesh = sharding.make_mesh(config.mesh)
         train_step.validate_config(config, mesh)
     except ValueError as e:
-        text = str(e) if "device" in str(e) else f"{e} (on {jax.device_count()} devices)"
-        raise config_check.ConfigError(text) from None
+        raise config_check.ConfigError(_on_devices(e)) from None
     rollback_target(config, workdir)
-    check_memory(config, mesh, model)
+    check_memory(config, mesh, model, parts=parts)
 
 
 #: Fraction of a device's memory the train state, its gradients and the loss's
@@ -192,7 +198,8 @@ def device_memory_bytes() -> int:
     return ram // max(1, jax.local_device_count())
 
 
-def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None) -> dict[str, int]:
+def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None, *,
+                    parts: Optional[train_step.Parts] = None) -> dict[str, int]:
     """Bytes per device the step needs at least, by the config field that sets them.
 
     From shapes only (``jax.eval_shape``, nothing allocated): each leaf of the
@@ -201,7 +208,7 @@ def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None) -> dict[st
     rows against this device's classes, forward and backward). Activations of
     the encoder come on top.
     """
-    abstract, shardings = train_step.abstract_train_state(config, mesh, model)
+    abstract, shardings = train_step.abstract_train_state(config, mesh, model, parts=parts)
     out: dict[str, int] = {}
 
     def add(field: str, leaf: Any, sh: Any, times: int = 1) -> None:
@@ -233,9 +240,10 @@ def memory_estimate(config: Any, mesh: jax.sharding.Mesh, model=None) -> dict[st
     return out
 
 
-def check_memory(config: Any, mesh: jax.sharding.Mesh, model=None) -> None:
+def check_memory(config: Any, mesh: jax.sharding.Mesh, model=None, *,
+                 parts: Optional[train_step.Parts] = None) -> None:
     """Refuses a config whose state and step cannot fit one device's memory, naming the fields."""
-    need = memory_estimate(config, mesh, model)
+    need = memory_estimate(config, mesh, model, parts=parts)
     total, limit = sum(need.values()), device_memory_bytes()
     if total <= MEMORY_FRACTION * limit:
         return
@@ -399,7 +407,7 @@ def rollback_target(config: Any, workdir: str) -> int:
       config_check.ConfigError: checkpoint N is not kept (checked before
         anything is written).
     """
-    want = int(config.get("restore_step", 0) or 0)
+    want = int(config.restore_step)
     if not want:
         return 0
     invocation = invocation_id()
@@ -450,7 +458,8 @@ class NoReadableCheckpointError(workdir_lib.ResumeConfigError):
 
 
 def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None,
-                  saved_config: Optional[Mapping[str, Any]] = None
+                  saved_config: Optional[Mapping[str, Any]] = None, *,
+                  parts: Optional[train_step.Parts] = None
                   ) -> tuple[train_step.TrainState, train_step.TrainState, str]:
     """The state to start from: resumed, warm-started, or fresh.
 
@@ -477,10 +486,11 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
       for the log.
     """
     rng = jax.random.PRNGKey(int(config.seed))
+    parts = train_step.resolve_parts(config, mesh, model, parts)  # built once for every use below
     want = rollback_target(config, workdir)
     steps = [want] if want else checkpointing.all_steps(workdir)[::-1]
     if steps:
-        abstract, shardings = train_step.abstract_train_state(config, mesh, model)
+        abstract, shardings = train_step.abstract_train_state(config, mesh, parts=parts)
         target = checkpointing.abstract_like(abstract, shardings)
         saved_per_device = (saved_config or {}).get("queue.size_per_device")
         unreadable = []
@@ -488,7 +498,8 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
             try:
                 state, note = elastic.restore(
                     workdir, target, step, saved_queue_per_device=saved_per_device,
-                    fresh=lambda: train_step.create_train_state(config, mesh, rng, model)[0])
+                    fresh=lambda: train_step.create_train_state(config, mesh, rng,
+                                                                parts=parts)[0])
             except checkpointing.LayoutMismatchError as e:
                 raise workdir_lib.ResumeConfigError(
                     _layout_message(e, config, workdir, saved_config)) from None
@@ -502,7 +513,7 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
             return state, shardings, (
                 f"resumed from {checkpointing.checkpoint_dir(workdir)}/{step}"
                 + (f" ({note})" if note else ""))
-        if not bool(config.get("start_over", False)):
+        if not bool(config.start_over):
             raise NoReadableCheckpointError(
                 f"no checkpoint in {checkpointing.checkpoint_dir(workdir)} can be read "
                 f"(steps {sorted(unreadable)}; the log says why for each) and nothing was "
@@ -511,7 +522,7 @@ def initial_state(config: Any, mesh: jax.sharding.Mesh, workdir: str, model=None
         logging.warning("no readable checkpoint in %s: starting over (config.start_over=True)",
                         checkpointing.checkpoint_dir(workdir))
         _set_aside(workdir, unreadable)
-    state, shardings = train_step.create_train_state(config, mesh, rng, model=model)
+    state, shardings = train_step.create_train_state(config, mesh, rng, parts=parts)
     if config.init_from:
         state = warm_start(state, shardings, str(config.init_from),
                            bool(config.init_classifier), config=config)
@@ -607,7 +618,7 @@ def _profiler(config: Any, workdir: str, start: int, total: int) -> Any:
     trace goes to ``workdir/tensorboard`` (TensorBoard's profile tab).
     Process 0 only.
     """
-    steps = int(config.get("profile_steps", 0) or 0)
+    steps = int(config.profile_steps)
     if steps <= 0 or jax.process_index() != 0 or start >= total:
         return None
     from clu import periodic_actions  # noqa: PLC0415
@@ -707,7 +718,8 @@ class _Interval:
 
 
 def prefill_queue(config: Any, mesh: jax.sharding.Mesh, shardings: train_step.TrainState,
-                  model: Any, state: train_step.TrainState) -> train_step.TrainState:
+                  parts: train_step.Parts, state: train_step.TrainState
+                  ) -> train_step.TrainState:
     """Enqueues stream batches 0 .. queue.prefill_steps - 1 without an update (step 0 only).
 
     Deterministic in (state, data), so a run restarted before its first
@@ -716,7 +728,7 @@ def prefill_queue(config: Any, mesh: jax.sharding.Mesh, shardings: train_step.Tr
     from broadface_jax import input_pipeline  # noqa: PLC0415
 
     n = train_step.data_offset(config)
-    fn = train_step.make_prefill_step(config, mesh, shardings, model=model)
+    fn = train_step.make_prefill_step(config, mesh, shardings, parts=parts)
     it = input_pipeline.create_train_iterator(config, start_step=0)
     try:
         for i in range(n):
@@ -757,20 +769,23 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *, model=None
     schedule = Schedule.from_config(config)
     _check_paths(config)
     config = input_pipeline.resolve_num_classes(config)  # 0: from the data set's metadata
-    check_before_writing(config, workdir, model)
+    mesh = _make_mesh(config)
+    parts = train_step.build_parts(config, mesh, model)  # encoder, loss, optimizer: once
+    check_before_writing(config, workdir, parts=parts)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.exclusive(workdir):
-        return _train(config, workdir, schedule, model)
+        return _train(config, workdir, schedule, mesh, parts)
 
 
-def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, float]:
+def _train(config: Any, workdir: str, schedule: Schedule, mesh: jax.sharding.Mesh,
+           parts: train_step.Parts) -> dict[str, float]:
     """``train_and_evaluate`` once the config is checked and the workdir is ours."""
     checkpointing.quiet_orbax_logging()  # before any save can fail in the background
     is_main = jax.process_index() == 0
     resuming = bool(checkpointing.all_steps(workdir))
     saved_config = workdir_lib.compare_config(workdir, config) if resuming else None
-    mesh = sharding.make_mesh(config.mesh)
-    state, shardings, origin = initial_state(config, mesh, workdir, model, saved_config)
+    state, shardings, origin = initial_state(config, mesh, workdir, saved_config=saved_config,
+                                             parts=parts)
     if is_main:  # only now: a refused or failed resume leaves config.json as it was
         workdir_lib.record_config(workdir, config)
     start, total = int(jax.device_get(state.step)), schedule.total_steps
@@ -778,7 +793,7 @@ def _train(config: Any, workdir: str, schedule: Schedule, model) -> dict[str, fl
         workdir_lib.truncate_metrics(workdir, start)
     logging.info("workdir %s: %s; step %d of %d, global batch %d on mesh %s", workdir,
                  origin, start, total, sharding.global_batch_size(config), dict(mesh.shape))
-    with _Run(config, workdir, schedule, mesh, model, state) as run:
+    with _Run(config, workdir, schedule, mesh, parts.model, state, parts=parts) as run:
         if start == 0:
             run.writer.write_hparams(_flatten_config(config))
         if start < total:
@@ -803,14 +818,16 @@ class _Run:
     """
 
     def __init__(self, config: Any, workdir: str, schedule: Schedule,
-                 mesh: jax.sharding.Mesh, model: Any, state: train_step.TrainState):
+                 mesh: jax.sharding.Mesh, model: Any, state: train_step.TrainState, *,
+                 parts: Optional[train_step.Parts] = None):
         self.config, self.workdir, self.schedule = config, workdir, schedule
-        self.mesh, self.model, self.state = mesh, model, state
+        self.parts = train_step.resolve_parts(config, mesh, model, parts)  # the run's, built once
+        self.mesh, self.model, self.state = mesh, self.parts.model, state
         self.targets = tuple(config.eval.targets)
         from broadface_jax import evaluation  # noqa: PLC0415
         from broadface_jax.evaluation import embedding  # noqa: PLC0415
 
-        self._bind_embed = (embedding.make_uint8_embed_fn(config, mesh, model)
+        self._bind_embed = (embedding.make_uint8_embed_fn(config, mesh, self.model)
                             if self.targets else None)
         self.evaluators = evaluation.Evaluators(config)  # this run's: built once, on first use
         self.final: dict[str, float] = {}
@@ -837,9 +854,9 @@ class _Run:
             self.evaluate(start)  # the run stopped between checkpoint and evaluation
         offset = train_step.data_offset(config)  # queue pre-fill batches come first
         if start == 0 and offset and self.state.queue.capacity:
-            self.state = prefill_queue(config, self.mesh, shardings, self.model, self.state)
+            self.state = prefill_queue(config, self.mesh, shardings, self.parts, self.state)
         self.iterator = input_pipeline.create_train_iterator(config, start_step=start + offset)
-        step_fn = train_step.make_train_step(config, self.mesh, shardings, model=self.model)
+        step_fn = train_step.make_train_step(config, self.mesh, shardings, parts=self.parts)
         progress = periodic_actions.ReportProgress(
             num_train_steps=total, every_steps=schedule.log_every if schedule.log_every > 0
             else None, every_secs=None)

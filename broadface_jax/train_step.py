@@ -13,7 +13,7 @@ Per step (paper section 3.2, Eqs. 7-9):
    encoder's gradient becomes exactly that of Eq. 8, while the classifier's is
    exactly that of Eq. 9.
 4. optax update (separate encoder / classifier optimizers via multi_transform;
-   see `make_optimizer`).
+   see `build_optimizer`).
 5. Enqueue the batch's embeddings with the classifier rows W_y they were used
    with (pre-update), after the update.
 
@@ -33,6 +33,7 @@ outside it and the optimizer runs on the whole W, as PartialFC_V2's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -43,7 +44,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from broadface_jax import class_sampling, losses, queue as queue_lib, sharding
+from broadface_jax import (class_sampling, config_check, losses, optim, queue as queue_lib,
+                           sharding)
 
 
 @flax.struct.dataclass
@@ -59,10 +61,10 @@ class TrainState:
 
 # ------------------------------------------------------------------ optimizer
 
-PARTS = ("encoder", "classifier")
+PARTS = config_check.PARTS  # ("encoder", "classifier")
 
 
-def make_schedule(config: Any) -> optax.Schedule:
+def build_schedule(config: Any) -> optax.Schedule:
     """The base lr at (0-based) step s: the paper's 5e-3, x0.1 at 50k and 70k.
 
     ``lr * lr_decay ** #{b in lr_boundaries : b <= s}``: step b is the first
@@ -103,17 +105,11 @@ def _part_optimizer(opt_config: Any, schedule: optax.Schedule,
         # PyTorch SGD semantics (as in insightface): decay added to the gradient
         # before momentum, on every parameter.
         parts.append(optax.add_decayed_weights(float(opt_config.weight_decay)))
-    if opt_config.name == "sgd":
-        parts.append(optax.inject_hyperparams(optax.sgd, static_args=("momentum",))(
-            learning_rate=lr, momentum=float(opt_config.momentum) or None))
-    elif opt_config.name == "adam":
-        parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=lr))
-    else:
-        raise ValueError(f"optimizer name {opt_config.name!r}: expected 'sgd' or 'adam'")
+    parts.append(optim.REGISTRY[opt_config.name](lr, opt_config))  # names: config_check
     return optax.chain(*parts)
 
 
-def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Separate optimizers for the encoder and the classifier (multi_transform).
 
     ``config.grad_clip_norm > 0`` clips **each part separately** to that L2
@@ -121,9 +117,12 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Sch
     inside the part's chain): the encoder's clip is insightface's
     ``clip_grad_norm_(backbone.parameters(), max_norm=5)``; insightface leaves
     its classifier unclipped, here the classifier is clipped by its own norm.
+    The optimizer of each part is ``optim.REGISTRY[config.optimizer.<part>.name]``.
     Returns (tx, base schedule).
     """
-    schedule = make_schedule(config)
+    config_check.check(config, only=("optimizer", "lr", "lr_boundaries", "lr_decay",
+                                      "warmup_steps", "grad_clip_norm"))
+    schedule = build_schedule(config)
     clip = float(config.grad_clip_norm)
 
     def labels(params):
@@ -173,13 +172,46 @@ def padded_num_classes(config: Any, mesh: Mesh) -> int:
     return int(math.ceil(int(config.num_classes) / n) * n)
 
 
-def _model(config: Any, model, mesh: Mesh | None = None):
-    if model is not None:
-        return model
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What a run builds once from its config and hands to every function that needs it.
+
+    ``model``: the encoder module (``models.build_encoder``, BatchNorm groups
+    from the mesh); ``loss``: ``losses.build(config.loss)``; ``tx`` and
+    ``schedule``: :func:`build_optimizer`.
+    """
+
+    model: Any
+    loss: losses.Loss
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def _build_encoder(config: Any, mesh: Mesh | None) -> Any:
     from broadface_jax import models
     # The batch's shard count: the BatchNorm groups of model.batch_norm='per_device'.
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) if mesh is not None else None
     return models.build_encoder(config.model, batch_shards=shards)
+
+
+def build_parts(config: Any, mesh: Mesh | None = None, model: Any = None) -> Parts:
+    """Builds the encoder (unless ``model`` is given), the loss and the optimizer, once.
+
+    ``mesh`` sets the BatchNorm groups of ``model.batch_norm='per_device'`` (one
+    per batch shard; eval mode and initialisation ignore them).
+    """
+    model = model if model is not None else _build_encoder(config, mesh)
+    tx, schedule = build_optimizer(config)
+    return Parts(model=model, loss=losses.build(config.loss), tx=tx, schedule=schedule)
+
+
+def resolve_parts(config: Any, mesh: Mesh | None, model: Any, parts: Parts | None) -> Parts:
+    """``parts`` as given, else built from the config (and ``model`` when given)."""
+    if parts is not None:
+        if model is not None and model is not parts.model:
+            raise ValueError("pass the encoder either as model= or in parts=, not both")
+        return parts
+    return build_parts(config, mesh, model)
 
 
 def queue_chunk(config: Any, mesh: Mesh) -> int:
@@ -200,39 +232,36 @@ def queue_capacity(config: Any, mesh: Mesh) -> int:
 
 
 def validate_config(config: Any, mesh: Mesh) -> None:
-    """Checks the sizes the step relies on, with errors naming the field."""
+    """Checks the sizes the step relies on, with errors naming the field.
+
+    The fields on their own (and the ring buffer's batch multiple) are
+    ``config_check``'s rules; here only what needs the mesh: the queue chunk
+    per classifier shard, the class sample per shard, and a resolved class count.
+    """
+    config_check.check(config, only=("per_device_batch_size", "queue", "num_classes",
+                                      "classifier", "classifier_sharding"))
     per_dev_q = int(config.queue.size_per_device)
     b = int(config.per_device_batch_size)
-    if b <= 0:
-        raise ValueError(f"config.per_device_batch_size={b} must be positive")
-    if per_dev_q < 0:
-        raise ValueError(f"config.queue.size_per_device={per_dev_q} must be >= 0")
-    if per_dev_q and per_dev_q % b:
-        raise ValueError(
-            f"config.queue.size_per_device={per_dev_q} must be a multiple of "
-            f"config.per_device_batch_size={b} (the ring buffer writes whole batches)")
     chunk = queue_chunk(config, mesh)
     if per_dev_q and chunk and per_dev_q % min(chunk, per_dev_q):
-        raise ValueError(
+        raise config_check.ConfigError(
             f"config.queue.chunk_size={config.queue.chunk_size} (per classifier shard: "
             f"{chunk}) must divide config.queue.size_per_device={per_dev_q}")
-    if int(config.num_classes) < 2:
-        raise ValueError(f"config.num_classes={config.num_classes} must be >= 2")
-    rate = class_sampling.sample_rate(config)
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"config.classifier.sample_rate={rate:g} must be in (0, 1]")
+    if int(config.num_classes) == 0:
+        raise config_check.ConfigError(
+            "config.num_classes=0: resolve it from the data set first "
+            "(input_pipeline.resolve_num_classes)")
     n = sharding.classifier_shards(mesh, config.classifier_sharding)
     found = class_sampling.problems(config, n, padded_num_classes(config, mesh) // n,
                                     b * mesh.size)
     if found:
-        raise ValueError(found[0])
+        raise config_check.ConfigError(found[0])
 
 
-def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState]:
+def _init_fn(config: Any, mesh: Mesh, parts: Parts) -> Callable[[jax.Array], TrainState]:
     from broadface_jax import models
 
-    tx, _ = make_optimizer(config)
-    loss = losses.build(config.loss)
+    model, tx, loss = parts.model, parts.tx, parts.loss
     c_pad = padded_num_classes(config, mesh)
     dim = int(config.model.embedding_dim)
     size = int(config.image_size)
@@ -256,21 +285,21 @@ def _init_fn(config: Any, mesh: Mesh, model) -> Callable[[jax.Array], TrainState
     return init
 
 
-def abstract_train_state(config: Any, mesh: Mesh, model=None
+def abstract_train_state(config: Any, mesh: Mesh, model=None, *, parts: Parts | None = None
                          ) -> tuple[TrainState, TrainState]:
     """(ShapeDtypeStruct state, shardings) without allocating anything."""
     validate_config(config, mesh)
-    init = _init_fn(config, mesh, _model(config, model))
+    init = _init_fn(config, mesh, resolve_parts(config, mesh, model, parts))
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     return abstract, state_shardings(abstract, config, mesh)
 
 
-def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None
-                       ) -> tuple[TrainState, TrainState]:
+def create_train_state(config: Any, mesh: Mesh, rng: jax.Array, model=None, *,
+                       parts: Parts | None = None) -> tuple[TrainState, TrainState]:
     """Initialises the state born sharded: eval_shape -> rules -> jit(out_shardings)."""
-    model = _model(config, model)
-    _, shardings = abstract_train_state(config, mesh, model)
-    state = jax.jit(_init_fn(config, mesh, model), out_shardings=shardings)(rng)
+    parts = resolve_parts(config, mesh, model, parts)
+    _, shardings = abstract_train_state(config, mesh, parts=parts)
+    state = jax.jit(_init_fn(config, mesh, parts), out_shardings=shardings)(rng)
     return state, shardings
 
 
@@ -280,16 +309,15 @@ def state_shardings(abstract_state: TrainState, config: Any, mesh: Mesh) -> Trai
 
 # ------------------------------------------------------------------ step
 
-def build_train_step(config: Any, model=None, mesh: Mesh | None = None
-                     ) -> Callable[[TrainState, dict], tuple]:
+def build_train_step(config: Any, model=None, mesh: Mesh | None = None, *,
+                     parts: Parts | None = None) -> Callable[[TrainState, dict], tuple]:
     """The pure (un-jitted) step function.
 
     `mesh` sets the queue chunk (see `queue_chunk`) and the BatchNorm groups of
     ``model.batch_norm='per_device'`` (one per batch shard).
     """
-    model = _model(config, model, mesh)
-    loss = losses.build(config.loss)
-    tx, _ = make_optimizer(config)
+    parts = resolve_parts(config, mesh, model, parts)
+    model, loss, tx = parts.model, parts.loss, parts.tx
     num_classes = int(config.num_classes)
     chunk = queue_chunk(config, mesh) if mesh is not None else int(config.queue.chunk_size)
     use_comp = bool(config.queue.compensate)
@@ -390,11 +418,11 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None
 def data_offset(config: Any) -> int:
     """Batches of the data stream read before step 1: ``queue.prefill_steps`` (the
     training batch of step s >= 1 is stream batch ``data_offset + s - 1``)."""
-    return int(config.queue.get("prefill_steps", 0) or 0)
+    return int(config.queue.prefill_steps)
 
 
-def build_prefill_step(config: Any, model=None, mesh: Mesh | None = None
-                       ) -> Callable[[TrainState, dict], TrainState]:
+def build_prefill_step(config: Any, model=None, mesh: Mesh | None = None, *,
+                       parts: Parts | None = None) -> Callable[[TrainState, dict], TrainState]:
     """The pure queue pre-fill: (state, batch) -> state with the batch enqueued.
 
     A train-mode forward pass (the embeddings a step would compute) with the
@@ -402,7 +430,8 @@ def build_prefill_step(config: Any, model=None, mesh: Mesh | None = None
     optimizer, step and loss state are unchanged (no update). Dropout keys are
     ``fold_in(fold_in(rng, -1 mod 2^32), queue position)`` (apart from any step's).
     """
-    model = _model(config, model, mesh)
+    model = model if parts is None else parts.model
+    model = model if model is not None else _build_encoder(config, mesh)
 
     def prefill_fn(state: TrainState, batch: dict) -> TrainState:
         labels = batch["label"].astype(jnp.int32)
@@ -419,18 +448,19 @@ def build_prefill_step(config: Any, model=None, mesh: Mesh | None = None
     return prefill_fn
 
 
-def make_prefill_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None):
+def make_prefill_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None, *,
+                      parts: Parts | None = None):
     """jax.jit of `build_prefill_step` with the state's shardings (state donated)."""
     batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
-    return jax.jit(build_prefill_step(config, model, mesh),
+    return jax.jit(build_prefill_step(config, model, mesh, parts=parts),
                    in_shardings=(state_shardings, batch_sh), out_shardings=state_shardings,
                    donate_argnums=(0,))
 
 
 def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState, model=None,
-                    step_fn: Callable | None = None):
+                    step_fn: Callable | None = None, *, parts: Parts | None = None):
     """jax.jit of the step with explicit in/out shardings and a donated state."""
-    step_fn = step_fn or build_train_step(config, model, mesh)
+    step_fn = step_fn or build_train_step(config, model, mesh, parts=parts)
     batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -451,8 +481,9 @@ def make_embed_fn(config: Any, mesh: Mesh, model=None):
     processes replicates must be the same on each), and every process gets
     all N embeddings back (all-gathered). ``evaluation.embedding``'s
     ``make_uint8_embed_fn`` fills each process's rows this way.
+    ``model``: the run's encoder (``Parts.model``); None builds it.
     """
-    model = _model(config, model)
+    model = model if model is not None else _build_encoder(config, None)
     batch_sh = sharding.batch_sharding(mesh)
 
     @jax.jit

@@ -268,7 +268,7 @@ def compare_config(workdir: str, config: Any) -> Optional[dict[str, Any]]:
             "version that started the run, or start a new --workdir from this one's weights: "
             f"--config.init_from={workdir} (encoder, and the classifier with "
             "config.init_classifier=True); the checkpoints here are left as they are")
-    refused, accepted = compare_configs(saved, current, str(config.get("allow_resume_changes", "")))
+    refused, accepted = compare_configs(saved, current, str(config.allow_resume_changes))
     if refused:
         fields = ",".join(line.split(":")[0] for line in refused)
         raise ResumeConfigError(

@@ -11,18 +11,14 @@ Variants (``--config configs/arcface.py:<variant>``):
 """
 
 import pathlib
-import runpy
 
 import ml_collections
 
-
-def _default() -> ml_collections.ConfigDict:
-    """configs/default.py, loaded by path (config files are not a package)."""
-    return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
+from broadface_jax.cli import config_from_file  # the one config loader (locked)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = _default()
+    c = config_from_file(pathlib.Path(__file__).with_name("default.py"))
     c.queue.size_per_device = 0  # BroadFace off: plain ArcFace
     if arg in (None, ""):
         pass

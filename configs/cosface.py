@@ -10,18 +10,14 @@ Variants (``--config configs/cosface.py:<variant>``):
 """
 
 import pathlib
-import runpy
 
 import ml_collections
 
-
-def _default() -> ml_collections.ConfigDict:
-    """configs/default.py, loaded by path (config files are not a package)."""
-    return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
+from broadface_jax.cli import config_from_file  # the one config loader (locked)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = _default()
+    c = config_from_file(pathlib.Path(__file__).with_name("default.py"))
     c.loss.name = "cosface"
     c.loss.s = 64.0
     c.loss.m3 = 0.35  # m1, m2 stay unset: CosFace does not use them

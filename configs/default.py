@@ -14,6 +14,8 @@ full list of fields lives in one place. Unknown fields are an error
 import ml_collections
 from ml_collections import config_dict
 
+from broadface_jax import losses  # light: the registry only (no JAX)
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -39,13 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
     #   curricularface  ArcFace target, hard negatives cos(t + cos), t an EMA of the
     #                   mean positive cosine (state in TrainState.loss_state)
     #                                                              uses s, m2 (default 0.5)
-    # m1/m2/m3 = None take the loss's default; setting one the loss does not use is an error.
+    # One field per hyperparameter a registered loss declares (losses.REGISTRY: today m1, m2,
+    # m3): None takes the loss's default; setting one the loss does not use is an error.
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "arcface"
     c.loss.s = 64.0
-    c.loss.m1 = config_dict.placeholder(float)
-    c.loss.m2 = config_dict.placeholder(float)
-    c.loss.m3 = config_dict.placeholder(float)
+    for field in losses.hyperparameter_names():
+        c.loss[field] = config_dict.placeholder(float)
 
     # ---- BroadFace queue (per device: the paper's "8,192 per GPU")
     c.queue = ml_collections.ConfigDict()
@@ -82,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.synthetic.heldout_identities = 0
     c.dataset.synthetic.samples_per_identity = 0
 
-    # ---- optimisation (separate settings for encoder and classifier; train_step.make_optimizer)
+    # ---- optimisation (separate settings for encoder and classifier; train_step.build_optimizer)
     # lr at step s: lr * lr_decay ** #{b in lr_boundaries: b <= s}, times each part's
     # lr_scale; warmup_steps w > 0 ramps lr * (s + 1) / w over the first w steps.
     # sgd is PyTorch's: g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf.

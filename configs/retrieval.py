@@ -38,9 +38,10 @@ its total, so divide 32,000 by the number of devices when you use several.
 
 import math
 import pathlib
-import runpy
 
 import ml_collections
+
+from broadface_jax.cli import config_from_file  # the one config loader (locked)
 
 # TFDS short name -> (training images, training classes, evaluation target)
 DATASETS = {
@@ -54,11 +55,6 @@ LR_DECAY_EPOCHS = (40, 60, 80)
 EVAL_EVERY_EPOCHS = 10
 BATCH = 128
 QUEUE = 32_000
-
-
-def _default() -> ml_collections.ConfigDict:
-    """configs/default.py, loaded by path (config files are not a package)."""
-    return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
 
 
 def _variants() -> list[str]:
@@ -76,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          f"{', '.join(_variants())}")
     images, classes, target = DATASETS[dataset]
 
-    c = _default()
+    c = config_from_file(pathlib.Path(__file__).with_name("default.py"))
     c.model.name = "resnet50"
     c.model.embedding_dim = 512
     c.model.width = 1.0

@@ -35,7 +35,8 @@ SPECS = {"r18": ("iresnet18", 1 / 16, 112), "mbf": ("mbf", 1 / 16, 112),
 def config_for(name: str, width: float, size: int, dim: int = 16,
                num_classes: int = 16) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        model=dict(name=name, embedding_dim=dim, width=width, dropout=0.0, dtype="float32"),
+        model=dict(name=name, embedding_dim=dim, width=width, dropout=0.0, dtype="float32",
+                   batch_norm="global"),
         image_size=size, seed=0, num_classes=num_classes))
 
 

@@ -39,7 +39,8 @@ def _rng(offset: int = 0) -> np.random.Generator:
 def model_config(name: str, embedding_dim: int = 16, width: float = 0.125,
                  dropout: float = 0.0, dtype: str = "float32") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        name=name, embedding_dim=embedding_dim, width=width, dropout=dropout, dtype=dtype))
+        name=name, embedding_dim=embedding_dim, width=width, dropout=dropout, dtype=dtype,
+        batch_norm="global"))
 
 
 def abstract_variables(module: Any, shape: tuple[int, ...]) -> Any:

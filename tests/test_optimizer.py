@@ -5,7 +5,7 @@ Nesterov) after ``clip_grad_norm_`` is, per step::
 
     g = clip(g);  g += wd * p;  buf = mu * buf + g;  p -= lr * buf
 
-written here in float64 NumPy and compared with ``train_step.make_optimizer``.
+written here in float64 NumPy and compared with ``train_step.build_optimizer``.
 """
 
 import jax
@@ -66,7 +66,7 @@ def np_torch_sgd(config, params, grads_seq):
 
 
 def _run_optax(config, params, grads_seq):
-    tx, _ = train_step.make_optimizer(config)
+    tx, _ = train_step.build_optimizer(config)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     opt_state = tx.init(params)
     update = jax.jit(tx.update)
@@ -106,7 +106,7 @@ def test_sgd_matches_pytorch_style_sgd_over_a_schedule():
 def test_one_lr_metric_when_the_parts_share_it():
     config = _config()
     config.optimizer.classifier.lr_scale = 1.0
-    tx, _ = train_step.make_optimizer(config)
+    tx, _ = train_step.build_optimizer(config)
     params = jax.tree.map(jnp.asarray, _random_tree(np.random.default_rng()))
     _, opt_state = tx.update(params, tx.init(params), params)
     metrics = train_step.lr_metrics(config, opt_state)
@@ -116,7 +116,7 @@ def test_one_lr_metric_when_the_parts_share_it():
 @pytest.mark.parametrize("warmup", [0, 4])
 def test_schedule_at_warmup_and_each_boundary(warmup):
     config = _config(warmup=warmup, boundaries=(10, 20))
-    schedule = jax.jit(train_step.make_schedule(config))
+    schedule = jax.jit(train_step.build_schedule(config))
     steps = [0, 1, 2, 3, 4, 5, 9, 10, 11, 19, 20, 21, 1000]
     got = [float(schedule(jnp.int32(s))) for s in steps]
     np.testing.assert_allclose(got, [np_lr(config, s) for s in steps], rtol=1e-6)

@@ -156,14 +156,14 @@ def test_normalisations():
     ref = (x.astype(np.float64) / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(input_pipeline.normalize_images(x, c), ref, rtol=1e-6, atol=1e-6)
     c.dataset.normalize = "bogus"
-    with pytest.raises(ValueError, match="config.dataset.normalize must be one of"):
+    with pytest.raises(ValueError, match="config.dataset.normalize='bogus': must be one of"):
         input_pipeline.normalization(c)
 
 
 def test_bad_retrieval_settings(sop_data):
     c = _config(sop_data)
     c.dataset.resize_to = 16
-    with pytest.raises(ValueError, match=r"config.dataset.resize_to=16 must be an integer >= config.image_size"):
+    with pytest.raises(ValueError, match=r"config.dataset.resize_to=16: must be an integer >= config.image_size"):
         input_pipeline.create_train_iterator(c)
     c = _config(sop_data)
     c.dataset.crop_scale = (0.5, 0.2)
@@ -171,7 +171,7 @@ def test_bad_retrieval_settings(sop_data):
         input_pipeline.create_train_iterator(c)
     c = _config(sop_data)
     c.dataset.augment = "bogus"
-    with pytest.raises(ValueError, match="config.dataset.augment must be one of"):
+    with pytest.raises(ValueError, match="config.dataset.augment='bogus': must be one of"):
         input_pipeline.create_train_iterator(c)
 
 

@@ -266,8 +266,8 @@ def _poisoned_step(monkeypatch, from_step: int, what: str) -> None:
     """Makes the step report a NaN loss (or NaN params) from `from_step` on."""
     real_make = train_step.make_train_step
 
-    def make(config, mesh, shardings, model=None, step_fn=None):
-        inner = train_step.build_train_step(config, model)
+    def make(config, mesh, shardings, model=None, step_fn=None, parts=None):
+        inner = train_step.build_train_step(config, model, parts=parts)
 
         def poisoned(state, batch):
             new_state, metrics = inner(state, batch)
@@ -282,7 +282,7 @@ def _poisoned_step(monkeypatch, from_step: int, what: str) -> None:
                 new_state = new_state.replace(params=params)
             return new_state, metrics
 
-        return real_make(config, mesh, shardings, model=model, step_fn=poisoned)
+        return real_make(config, mesh, shardings, model=model, step_fn=poisoned, parts=parts)
 
     monkeypatch.setattr(train.train_step, "make_train_step", make)
 

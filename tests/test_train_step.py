@@ -59,7 +59,7 @@ def test_empty_queue_step_equals_plain_arcface_step():
 
     # Independent plain ArcFace step: mean margin loss over the batch, one optimizer.
     loss_fn = losses.build(cfg.loss)
-    tx, _ = train_step.make_optimizer(cfg)
+    tx, _ = train_step.build_optimizer(cfg)
 
     def plain_loss(params):
         emb, _ = model.apply({"params": params["encoder"], "batch_stats": init.batch_stats},

@@ -29,9 +29,7 @@ CACHE_ENV = "BROADFACE_EVAL_CACHE"
 
 def cache_path(config: Any = None) -> str:
     """The evaluation cache folder: ``config.eval.cache_dir``, ``$BROADFACE_EVAL_CACHE`` or the default."""
-    configured = None
-    if config is not None and hasattr(config.eval, "get"):
-        configured = config.eval.get("cache_dir", None)
+    configured = config.eval.cache_dir if config is not None else ""  # None: no config at hand
     return configured or os.environ.get(CACHE_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "broadface_jax", "eval")
 

@@ -423,12 +423,11 @@ def make_uint8_embed_fn(config: Any, mesh: Any, model: Any = None
     """
     import jax
 
-    from broadface_jax import input_pipeline, train_step
+    from broadface_jax import config_check, input_pipeline, train_step
 
+    config_check.check(config, only=("eval.batch_size",))  # the rule lives there
     embed = train_step.make_embed_fn(config, mesh, model=model)  # looked up per call: tests patch it
     batch = int(config.eval.batch_size)
-    if batch < 1:
-        raise ValueError(f"config.eval.batch_size={batch} must be >= 1")
     pc, pi = jax.process_count(), jax.process_index()
     local_devices = max(1, mesh.size // pc)
     local_batch = _ceil_div(_ceil_div(batch, pc), local_devices) * local_devices

@@ -143,8 +143,9 @@ def option_problems(spec: TargetSpec) -> list[str]:
 
 
 def _entries(config: Any) -> Mapping[str, Any]:
-    evals = config.get("evals", None) if hasattr(config, "get") else getattr(config, "evals", None)
-    return evals if evals is not None else {}
+    # A config read back from a workdir's config.json (restore.workdir_config) has no
+    # `evals` when it was empty: workdir.flatten records leaves only. Optional data.
+    return config.evals if "evals" in config else {}
 
 
 def resolve_target(item: str, config: Any, where: str = "config.eval.targets") -> TargetSpec:

@@ -59,9 +59,7 @@ TARGETS: dict[str, Protocol] = {
 
 def data_dir_of(config: Any) -> str:
     """The TFDS data_dir holding the retrieval test splits (module docstring)."""
-    ev = config.eval
-    configured = ev.get("tfds_data_dir", "") if hasattr(ev, "get") else getattr(ev, "tfds_data_dir", "")
-    return str(configured or config.dataset.data_dir or "")
+    return str(config.eval.tfds_data_dir or config.dataset.data_dir or "")
 
 
 class RecallEvaluator:
@@ -178,9 +176,9 @@ def build_evaluator(dataset: str, config: Any, data_dir: str = "", ks: tuple[int
     """
     if dataset not in TARGETS:
         raise ValueError(f"unknown retrieval target {dataset!r}; known: {', '.join(TARGETS)}")
-    resize_to = config.dataset.get("resize_to", 256) if hasattr(config.dataset, "get") else 256
     return RecallEvaluator(name or dataset, TARGETS[dataset], data_dir or data_dir_of(config),
-                           int(config.image_size), int(resize_to), int(config.eval.batch_size), ks)
+                           int(config.image_size), int(config.dataset.resize_to),
+                           int(config.eval.batch_size), ks)
 
 
 def _build(dataset: str):

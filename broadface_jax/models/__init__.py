@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Mapping
+from typing import Any
 
 #: name -> (module in this package, class name, fixed constructor arguments).
 REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -36,31 +36,34 @@ REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "resnet50": ("resnet", "ResNet", {"stage_sizes": (3, 4, 6, 3)}),
 }
 
-_DTYPES = ("float32", "bfloat16")
+#: Smallest input side each backbone reduces to >= 1x1 (its total stride); others: 16.
+MIN_IMAGE_SIZE: dict[str, int] = {"resnet50": 32}
+DEFAULT_MIN_IMAGE_SIZE = 16
+
+
+def min_image_size(name: str) -> int:
+    """The smallest ``config.image_size`` the encoder ``name`` takes (``config_check``)."""
+    return MIN_IMAGE_SIZE.get(name, DEFAULT_MIN_IMAGE_SIZE) if isinstance(name, str) else (
+        DEFAULT_MIN_IMAGE_SIZE)
+
+
+#: ``model.dtype`` values: the encoder's compute dtype (parameters stay float32).
+DTYPES = ("float32", "bfloat16")
 #: ``model.batch_norm`` values (see the module docstring).
 BATCH_NORM_MODES = ("global", "per_device")
-
-
-def _field(model_config: Any, name: str) -> Any:
-    """Reads ``model_config.name`` from a ConfigDict, a dataclass or a mapping."""
-    try:
-        if isinstance(model_config, Mapping):
-            return model_config[name]
-        return getattr(model_config, name)
-    except (KeyError, AttributeError) as e:
-        raise ValueError(f"model config has no field {name!r}") from e
 
 
 def build_encoder(model_config: Any, batch_shards: int | None = None) -> Any:
     """Builds the encoder ``flax.linen.Module`` named by ``model_config``.
 
     Args:
-      model_config: fields ``name`` (a key of :data:`REGISTRY`),
-        ``embedding_dim``, ``width`` (channel multiplier > 0), ``dropout``
-        (in [0, 1)), ``dtype`` ('float32' or 'bfloat16': the compute dtype;
-        parameters are always float32) and optionally ``batch_norm`` (one of
-        :data:`BATCH_NORM_MODES`; 'global' when absent, as configs written
-        before the field existed).
+      model_config: ``config.model`` (a ConfigDict or a mapping) with the
+        fields of ``configs/default.py``: ``name`` (a key of
+        :data:`REGISTRY`), ``embedding_dim``, ``width`` (channel multiplier
+        > 0), ``dropout`` (in [0, 1)), ``dtype`` (one of :data:`DTYPES`: the
+        compute dtype; parameters are always float32) and ``batch_norm`` (one
+        of :data:`BATCH_NORM_MODES`). They are checked by ``config_check``
+        (the one place of these rules).
       batch_shards: how many devices the train batch is split over (its
         leading axis, in device order): the number of BatchNorm groups in
         'per_device' mode; ignored in 'global' mode. Without it a
@@ -68,41 +71,23 @@ def build_encoder(model_config: Any, batch_shards: int | None = None) -> Any:
         not group) but refuses to train.
 
     Raises:
-      ValueError: naming the field and value at fault.
+      config_check.ConfigError (a ValueError): naming the field and value at fault.
     """
     import jax.numpy as jnp  # noqa: PLC0415 (kept out of import time)
 
-    name = _field(model_config, "name")
-    if name not in REGISTRY:
-        raise ValueError(
-            f"model.name={name!r} is not a known encoder; choose one of {sorted(REGISTRY)}")
-    embedding_dim = _field(model_config, "embedding_dim")
-    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
-        raise ValueError(f"model.embedding_dim must be a positive int, got {embedding_dim!r}")
-    width = _field(model_config, "width")
-    if not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
-        raise ValueError(f"model.width must be a finite number > 0, got {width!r}")
-    dropout = _field(model_config, "dropout")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
-    dtype = _field(model_config, "dtype")
-    if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {_DTYPES}, got {dtype!r}")
-    try:
-        mode = _field(model_config, "batch_norm")
-    except ValueError:
-        mode = "global"
-    if mode not in BATCH_NORM_MODES:
-        raise ValueError(f"model.batch_norm must be one of {BATCH_NORM_MODES}, got {mode!r}")
+    from broadface_jax import config_check  # noqa: PLC0415 (it imports this package)
+
+    config_check.check({"model": model_config}, only=("model",))
     if batch_shards is not None and (not isinstance(batch_shards, int)
                                      or isinstance(batch_shards, bool) or batch_shards < 1):
         raise ValueError(f"batch_shards must be a positive int, got {batch_shards!r}")
-    bn_groups = 1 if mode == "global" else batch_shards
+    bn_groups = 1 if model_config["batch_norm"] == "global" else batch_shards
 
-    module_name, class_name, fixed = REGISTRY[name]
+    module_name, class_name, fixed = REGISTRY[model_config["name"]]
     cls = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
-    return cls(embedding_dim=embedding_dim, width=float(width), dropout=float(dropout),
-               dtype=jnp.dtype(dtype), bn_groups=bn_groups, **fixed)
+    return cls(embedding_dim=model_config["embedding_dim"], width=float(model_config["width"]),
+               dropout=float(model_config["dropout"]), dtype=jnp.dtype(model_config["dtype"]),
+               bn_groups=bn_groups, **fixed)
 
 
 def init_variables(model: Any, image_size: int, rng: Any) -> Any:
@@ -130,4 +115,5 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["BATCH_NORM_MODES", "REGISTRY", "build_encoder", "count_params", "init_variables"]
+__all__ = ["BATCH_NORM_MODES", "DTYPES", "MIN_IMAGE_SIZE", "REGISTRY", "build_encoder",
+           "count_params", "init_variables", "min_image_size"]
