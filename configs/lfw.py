@@ -19,9 +19,8 @@ that cost, 15 epochs at 56x56 beat 1.8 epochs at 112x112): 2,500 steps of
 Measured (the ``arcface`` variant, seed 0; docs/ANALYSES.md, README
 "Results"): LFW dev 83.4% ± 3.5 and CFP-FP 59.7% on 2026-12-07 (69 min on a
 2-core CPU at load 15-18; issue 22 measured 4 min 37 s idle); 82.1% on
-2026-12-01 (the
-earlier 112x112, 300-step recipe: 74.2%). Far from the paper's numbers, which need MS1MV2-scale data and
-IResNet-100.
+2026-12-01 (the earlier 112x112, 300-step recipe: 74.2%). Far from the
+paper's numbers, which need MS1MV2-scale data and IResNet-100.
 
 Variants (``--config configs/lfw.py:<variant>``):
   smoke      a few steps at 56x56, LFW evaluation only (for tests).
