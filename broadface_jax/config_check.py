@@ -206,6 +206,7 @@ def problems(config: Any) -> list[str]:
     check("queue.size_per_device", _int_at_least(0, " (0 = no queue: plain ArcFace/CosFace)"))
     check("queue.compensate", _bool)
     check("queue.chunk_size", _int_at_least(0, " (0 = unchunked)"))
+    check("queue.matmul_dtype", _one_of(("float32", "bfloat16")))
     check("queue.prefill_steps", _int_at_least(0, " (0 = the queue starts empty)"))
 
     check("num_classes", lambda v: None if _is_int(v) and (v == 0 or v >= 2) else
