@@ -41,6 +41,8 @@ from broadface_jax.suggest import did_you_mean as _suggest
 
 CLASSIFIER_SHARDINGS = ("replicated", "model", "all")
 DATASET_KINDS = ("tfds", "synthetic")
+#: config.queue.matmul_dtype: the dtype of the inputs of the queue's products (queue.py).
+QUEUE_MATMUL_DTYPES = ("float32", "bfloat16")
 #: The parts with their own optimizer (``config.optimizer.<part>``).
 PARTS = ("encoder", "classifier")
 
@@ -231,6 +233,7 @@ def rules(config: Any) -> list[tuple[str, Callable[[Any], str | None]]]:
         ("queue.size_per_device", _int_at_least(0, " (0 = no queue: plain ArcFace/CosFace)")),
         ("queue.compensate", _bool),
         ("queue.chunk_size", _int_at_least(0, " (0 = unchunked)")),
+        ("queue.matmul_dtype", _one_of(QUEUE_MATMUL_DTYPES)),
         ("queue.prefill_steps", _int_at_least(0, " (0 = the queue starts empty)")),
         ("num_classes", lambda v: None if _is_int(v) and (v == 0 or v >= 2) else
          "must be an integer >= 2, or 0 to take it from the data set's metadata"),

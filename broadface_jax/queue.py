@@ -16,15 +16,25 @@ batch) is written into shard i of the queue: a ring buffer per device, written
 with one ``jax.lax.dynamic_update_slice`` and no cross-device traffic.
 
 Compensation (Eq. 7):  e* = e⁻ + (‖e⁻‖ / ‖W⁻_y‖) · (W_y − W⁻_y).
+
+Precision of the queue's products (``config.queue.matmul_dtype``): the queue
+loss costs two Q x D x C (or x S, sampled) products per step, the logits and
+the W gradient. "float32" (default) runs them in float32; "bfloat16" casts
+both inputs of each product to bfloat16 and accumulates in float32
+(`queue_cosines`); everything else (normalisation, compensation, margins,
+softmax, the gradient's sum over chunks) stays float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from broadface_jax import losses
+from broadface_jax.config_check import QUEUE_MATMUL_DTYPES as MATMUL_DTYPES
 
 
 @flax.struct.dataclass
@@ -73,6 +83,69 @@ def compensate(embeddings: jax.Array, old_weights: jax.Array,
     scale = (jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
              / jnp.maximum(jnp.linalg.norm(old_weights, axis=-1, keepdims=True), 1e-12))
     return embeddings + scale * (current_weights - old_weights)
+
+
+_CONTRACT_D = (((1,), (1,)), ((), ()))  # [N, D] x [C, D] -> [N, C]
+_CONTRACT_N = (((0,), (0,)), ((), ()))  # [N, C] x [N, D] -> [C, D]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def queue_cosines(e_normalized: jax.Array, kernel_normalized: jax.Array,
+                  dtype: str) -> jax.Array:
+    """f32[N, C] cosines e_n @ W_n^T with both products in `dtype` (float32 accumulation).
+
+    Forward: e_n and W_n cast to `dtype`, one dot with float32 output. Backward
+    (custom, so the W gradient is accumulated in float32 too, where JAX's own
+    transpose would return it in `dtype`): the incoming float32 cotangent G and
+    the other input cast to `dtype`, ``G^T @ e_n`` for W and ``G @ W_n`` for e,
+    both with float32 output.
+    """
+    lo = jnp.dtype(dtype)
+    return jax.lax.dot_general(e_normalized.astype(lo), kernel_normalized.astype(lo),
+                               _CONTRACT_D, preferred_element_type=jnp.float32)
+
+
+def _queue_cosines_fwd(e_normalized, kernel_normalized, dtype):
+    return queue_cosines(e_normalized, kernel_normalized, dtype), (e_normalized,
+                                                                   kernel_normalized)
+
+
+def _queue_cosines_bwd(dtype, res, g):
+    e_n, w_n = res
+    lo = jnp.dtype(dtype)
+    g = g.astype(lo)
+    d_e = jax.lax.dot_general(g, w_n.astype(lo), (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    d_w = jax.lax.dot_general(g, e_n.astype(lo), _CONTRACT_N,
+                              preferred_element_type=jnp.float32)
+    return d_e.astype(e_n.dtype), d_w.astype(w_n.dtype)
+
+
+queue_cosines.defvjp(_queue_cosines_fwd, _queue_cosines_bwd)
+
+
+def per_example_in(matmul_dtype: str, loss, embeddings: jax.Array,
+                   kernel_normalized: jax.Array, labels: jax.Array, state=None,
+                   num_classes: int | None = None,
+                   class_mask: jax.Array | None = None) -> jax.Array:
+    """``loss.per_example`` with the cosine product in `matmul_dtype` (`queue_cosines`).
+
+    "float32" is ``loss.per_example`` itself (the same computation, bit for
+    bit); otherwise only the product changes: the embeddings are normalised,
+    and the one-hot, target cosine, margins and softmax are computed, in
+    float32 as ``losses.cosines`` and ``Loss.per_example`` do.
+    """
+    if matmul_dtype == "float32":
+        return loss.per_example(embeddings, kernel_normalized, labels, state, num_classes,
+                                class_mask)
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"config.queue.matmul_dtype={matmul_dtype!r}: must be one of "
+                         f"{', '.join(MATMUL_DTYPES)}")
+    e = losses.l2_normalize(embeddings.astype(jnp.float32))
+    cos = queue_cosines(e, kernel_normalized, matmul_dtype)
+    onehot = labels[:, None] == jnp.arange(kernel_normalized.shape[0])[None, :]
+    cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1)
+    return loss._xent(cos, onehot, cos_y, state, num_classes, class_mask)
 
 
 def _split(x: jax.Array, num_shards: int) -> jax.Array:
@@ -134,7 +207,8 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
                    loss, *, chunk_size: int, compensate_embeddings: bool = True,
                    num_classes: int | None = None, loss_state=None,
                    scored_labels: jax.Array | None = None,
-                   class_mask: jax.Array | None = None):
+                   class_mask: jax.Array | None = None,
+                   matmul_dtype: str = "float32"):
     """Sum of the per-example loss over the valid (compensated) queue rows, in chunks.
 
     This is the queue half of Eq. 9's numerator. The compensated embeddings are
@@ -169,6 +243,9 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
         None: `kernel_normalized` holds every class, scored by `queue.labels`.
       class_mask: bool[rows of kernel_normalized], the real classes among them
         (padding rows of a sampled classifier leave the softmax).
+      matmul_dtype: ``config.queue.matmul_dtype``: the dtype of the inputs of
+        each chunk's two products (logits, W gradient), accumulated in float32
+        (`queue_cosines`); "float32" is the plain float32 computation.
 
     Returns:
       (loss_sum, drift_sum, n_valid): the summed loss over valid rows, the sum
@@ -210,7 +287,8 @@ def queue_loss_sum(queue: QueueState, kernel: jax.Array, kernel_normalized: jax.
         return e, lab_s, scored, jnp.sum(jnp.where(val, drift, 0.0))
 
     def chunk_loss(kn, e, lab, val):
-        per_row = loss.per_example(e, kn, lab, loss_state, num_classes, class_mask)
+        per_row = per_example_in(matmul_dtype, loss, e, kn, lab, loss_state, num_classes,
+                                 class_mask)
         return jnp.sum(jnp.where(val, per_row, 0.0))
 
     def scan_all(kn):

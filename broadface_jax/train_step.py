@@ -321,6 +321,7 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None, *,
     num_classes = int(config.num_classes)
     chunk = queue_chunk(config, mesh) if mesh is not None else int(config.queue.chunk_size)
     use_comp = bool(config.queue.compensate)
+    matmul_dtype = str(config.queue.matmul_dtype)
     rate = class_sampling.sample_rate(config)
     sampling = rate < 1.0  # 1.0: every class, today's step unchanged
     n_shards = (sharding.classifier_shards(mesh, config.classifier_sharding)
@@ -373,7 +374,8 @@ def build_train_step(config: Any, model=None, mesh: Mesh | None = None, *,
             if q.capacity:
                 q_sum, drift_sum, _ = queue_lib.queue_loss_sum(
                     q, kernel, kernel_n, loss, chunk_size=chunk,
-                    compensate_embeddings=use_comp, loss_state=loss_state, **q_kw)
+                    compensate_embeddings=use_comp, loss_state=loss_state,
+                    matmul_dtype=matmul_dtype, **q_kw)
             else:
                 q_sum = drift_sum = jnp.zeros((), jnp.float32)
             loss_cls = (jnp.sum(batch_losses) + q_sum) / denom

@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     # queue rows per device per chunk of the classifier loss (0 = unchunked); peak
     # memory follows it. With W split over n class shards it is divided by n.
     c.queue.chunk_size = 2048
+    # inputs of the queue's two products per chunk (logits, W gradient): float32 | bfloat16
+    # (cast to bfloat16, accumulated in float32; error: docs/BENCHMARKS.md "Queue matmul dtype")
+    c.queue.matmul_dtype = "float32"
     # > 0: before the first update, that many forward passes (train mode, no update of
     # parameters, BN statistics or step) enqueue the batches that precede step 1, so the
     # first update already sees them (size_per_device / per_device_batch_size fills the
