@@ -60,7 +60,7 @@ def probe():
 def test_registered_type_runs_in_a_training_run_and_in_evaluate_one_evaluator_per_run(tmp_path, probe):
     import jax
 
-    from broadface_jax import checkpointing, sharding, train_step
+    from broadface_jax import sharding, train_step
 
     config = tiny_config(total_steps=2)
     config.eval.targets = (PROBE,)

@@ -1,6 +1,5 @@
 """Tests for the tf.data training pipeline (broadface_jax.input_pipeline)."""
 
-import io
 import itertools
 
 import jax

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from broadface_jax import checkpointing, class_sampling, sharding, train, train_step
+from broadface_jax import class_sampling, sharding, train, train_step
 from tests.tiny_config import tiny_config
+from tests.saved_run import random_batches, train_save_and_step
 from tests.tiny_encoder import TinyEncoder
 
 STEPS, CLASSES, RATE = 10, 400, 0.5  # S = 200 > the <= 144 positives: random negatives
@@ -29,30 +30,10 @@ def _config(num_devices: int):
                        lr_boundaries=(), init_from="", classifier__sample_rate=RATE)
 
 
-def _batches(seed: int, n: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-             "label": rng.integers(0, CLASSES, 16).astype(np.int32)} for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sampled_elastic")
-    batches = _batches(int(np.random.default_rng().integers(2**31)), STEPS + 1)
-    config = _config(8)
-    model = TinyEncoder(embedding_dim=8)
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:8])
-    state, shardings = train_step.create_train_state(config, mesh, jax.random.PRNGKey(0), model)
-    step = train_step.make_train_step(config, mesh, shardings, model=model)
-    for b in batches[:STEPS]:
-        state, _ = step(state, sharding.shard_batch(b, mesh))
-    saved = jax.device_get(state)
-    manager = checkpointing.create_manager(workdir, max_to_keep=1)
-    checkpointing.save(manager, STEPS, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    state, metrics = step(state, sharding.shard_batch(batches[STEPS], mesh))
-    return workdir, batches, saved, jax.device_get((state, metrics))
+    batches = random_batches(int(np.random.default_rng().integers(2**31)), STEPS + 1, CLASSES)
+    return train_save_and_step(tmp_path_factory.mktemp("sampled_elastic"), _config(8), batches, STEPS)
 
 
 def _resume_and_step(workdir, batch, num_devices):
