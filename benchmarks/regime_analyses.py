@@ -55,8 +55,9 @@ seed (the end-to-end test, ``tests/test_regime_analyses.py``).
 identities (3,008 x 30 at 32x32, batch 16: T_visit = 188), as run (docs/ANALYSES.md,
 Part 2, "E2 as run"): stage 1 stops at the first 500-step check with train top-1 >= 0.7
 (at most 2,000 steps of 64), stage 2 of 1,500 steps, arms A and B per seed, then D and
-then K for every seed, the outcome held-out pair accuracy on 3,000 fixed pairs of 500 unseen identities,
-the mechanism and regime on 4 images of every class. ``--quick --protocol e2``: its
+then K for every seed, then (added 2026-12-07, after the others) C for every seed, the
+outcome held-out pair accuracy on 3,000 fixed pairs of 500 unseen identities, the
+mechanism and regime on 4 images of every class. ``--quick --protocol e2``: its
 code paths at ``--quick``'s sizes.
 """
 
@@ -163,8 +164,10 @@ def e2_protocol(seeds: int = 3) -> Protocol:
     metrics and reading of E1), shrunk to the measured CPU budget: stage 1 capped at 2,000
     steps, stage 2 of 1,500 steps (x0.1 at 938 / 1,312: the written 6,000 / 3,750 / 5,250
     scaled by 1/4, the high-lr phase inside one epoch), arms A and B per seed, then D and
-    then K for every seed, as time allows (C not run), the mechanism and regime measured on
-    4 images of every class.
+    then K for every seed, as time allows, the mechanism and regime measured on 4 images of
+    every class. C (queue 256 steps + compensation) was not run then; it is a later arm
+    added on 2026-12-07, run after every other arm, seeds 1, 2, 3 in that order, decided
+    before seeing its result (the other arms and the reading unchanged).
     """
     return Protocol(
         name="e2", synthetic=True, image_size=32, width=0.125, embedding_dim=128, margin=0.3,
@@ -178,7 +181,7 @@ def e2_protocol(seeds: int = 3) -> Protocol:
         staleness_edges=(0, 16, 64, 128, 188, 376), num_classes=3008,
         samples_per_identity=30, heldout_identities=500, eval_pairs=3000, eval_seed=7919,
         s1_target_top1=0.7, s1_check_every=500, measure_per_class=4,
-        arm_names=("A", "B"), later_arms=("D", "K"))
+        arm_names=("A", "B"), later_arms=("D", "K", "C"))
 
 
 def quick_e2_protocol() -> Protocol:
@@ -208,6 +211,14 @@ def arms(p: Protocol) -> list[Arm]:
     """The protocol's arms in run order (per seed), then its later arms."""
     by = {a.name: a for a in all_arms(p)}
     return [by[n] for n in p.arm_names + p.later_arms]
+
+
+def run_order(p: Protocol) -> list[tuple[int, Arm]]:
+    """(seed, arm) in the order the runs are made: every arm of ``arm_names`` seed by seed,
+    then each later arm for every seed (E2: A, B per seed; then D, K and C for seeds 1..n)."""
+    by = {a.name: a for a in all_arms(p)}
+    return ([(seed, by[n]) for seed in p.seeds for n in p.arm_names]
+            + [(seed, by[n]) for n in p.later_arms for seed in p.seeds])
 
 
 ARM_TEXT = {"A": "ArcFace", "K": "ArcFace, classifier smoothed like a 64-step queue",
@@ -772,6 +783,21 @@ def _paired(by_arm, a, b, fn):
     return res
 
 
+def comparisons(p: Protocol) -> list[tuple[str, str, int, str]]:
+    """(arm, other arm, sign, claim) of the paired differences: sign +1 / -1 a claim that
+    arm - other is > 0 / < 0, 0 descriptive. E2 (a protocol with later arms) keeps D's
+    descriptive comparisons with A and B, written when C was not run, also now that C is."""
+    out = [("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
+           ("C", "B", +1, "a longer queue helps (C >= B)"),
+           ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
+           ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
+           ("K", "A", 0, "smoothing W alone (K vs A; no claim)")]
+    if p.later_arms or "C" not in p.arm_names:
+        out += [("D", "A", 0, "a 256-step queue without compensation vs ArcFace (no claim)"),
+                ("D", "B", 0, "256 steps without compensation vs 64 with (no claim)")]
+    return out
+
+
 def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     import numpy as np
 
@@ -829,16 +855,8 @@ def summarise(p: Protocol, records: list[dict]) -> dict[str, Any]:
     def fin(t, m):
         return lambda r: pa.final_value(r, t, m)
 
-    comparisons = [("B", "A", +1, "BroadFace beats ArcFace (B > A)"),
-                   ("C", "B", +1, "a longer queue helps (C >= B)"),
-                   ("D", "C", -1, "without compensation a long queue is worse (D < C)"),
-                   ("B", "K", +1, "BroadFace is more than a de-noised W (B > K)"),
-                   ("K", "A", 0, "smoothing W alone (K vs A; no claim)")]
-    if "C" not in p.arm_names + p.later_arms:  # E2 as run: D is only described
-        comparisons += [("D", "A", 0, "a 256-step queue without compensation vs ArcFace (no claim)"),
-                        ("D", "B", 0, "256 steps without compensation vs 64 with (no claim)")]
     for t, m in metrics:
-        for a, b, sign, claim in comparisons:
+        for a, b, sign, claim in comparisons(p):
             pi = _paired(by_arm, a, b, fin(t, m))
             summary["claims"].append(dict(claim=claim, compare=f"{a} - {b}", metric=f"{t}/{m}",
                                           primary=(t, m) in primary, result=pi,
@@ -1161,10 +1179,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         lr, probes = choose_lr(p, ctx)
         meta["lr"] = lr
         _log(f"lr rule: stage-2 lr {lr:g} (" + ", ".join(f"{r['lr']:g}: S {r['S']:.3f}" for r in probes) + ")")
-        by = {a.name: a for a in all_arms(p)}
-        order = ([(seed, by[n]) for seed in p.seeds for n in p.arm_names]
-                 + [(seed, by[n]) for n in p.later_arms for seed in p.seeds])
-        for seed, arm in order:
+        for seed, arm in run_order(p):
             name = f"s2_{arm.name}_seed{seed}"
             if only and name not in only:
                 continue

@@ -126,6 +126,33 @@ def test_e2_comparisons_use_the_seeds_every_core_arm_has():
     assert {a: sorted(v) for a, v in by.items()} == {"A": [1], "B": [1], "D": [1], "K": [1]}
 
 
+def test_e2_arm_c_runs_last_with_a_compensated_256_step_queue():
+    """E2's arm C (added 2026-12-07, after the others had run): after A and B per seed and
+    D and K for every seed, C for seeds 1, 2, 3; a pre-filled 4,096-row (256-step) queue with
+    Eq. 7; the claims C >= B and D < C are made, and D's descriptive comparisons with A and B
+    (written when C was not run) are kept; E1 has none of those."""
+    import pathlib
+
+    p = ra.e2_protocol()
+    assert [(sd, a.name) for sd, a in ra.run_order(p)] == (
+        [(sd, a) for sd in (1, 2, 3) for a in ("A", "B")]
+        + [(sd, a) for a in ("D", "K", "C") for sd in (1, 2, 3)])
+    c = {a.name: a for a in ra.arms(p)}["C"]
+    cfg = ra.stage2_config(p, c, 2, 5e-3, pathlib.Path("/nowhere"), "")
+    assert (cfg.queue.size_per_device, cfg.queue.compensate, cfg.queue.prefill_steps,
+            cfg.seed, cfg.lr) == (4096, True, 256, 2, 5e-3)
+    d = {a.name: a for a in ra.arms(p)}["D"]
+    assert ra.stage2_config(p, d, 2, 5e-3, pathlib.Path("/nowhere"), "").queue.compensate is False
+    signs = {(a, b): sign for a, b, sign, _ in ra.comparisons(p)}
+    assert (signs[("C", "B")], signs[("D", "C")], signs[("D", "A")], signs[("D", "B")]) == (1, -1, 0, 0)
+    assert not {("D", "A"), ("D", "B")} & {(a, b) for a, b, _, _ in ra.comparisons(ra.full_protocol())}
+    # C is a later arm: its unfinished seeds leave the finished seeds of the others in
+    records = [dict(stage=2, arm=a, seed=sd) for a in ("A", "B", "D", "K") for sd in (1, 2, 3)]
+    by = ra._by_arm(records + [dict(stage=2, arm="C", seed=1)], core=p.arm_names)
+    assert {a: sorted(v) for a, v in by.items()} == {"A": [1, 2, 3], "B": [1, 2, 3],
+                                                      "D": [1, 2, 3], "K": [1, 2, 3], "C": [1]}
+
+
 @pytest.mark.slow
 def test_quick_e2_protocol_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
