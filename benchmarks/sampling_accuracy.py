@@ -12,7 +12,8 @@ verification on ``--heldout`` synthetic identities training never saw
 Resumable: each finished run writes ``<out>/runs/<name>.json`` and is skipped
 next time; an interrupted run resumes from its last checkpoint in
 ``<workroot>/<name>``. ``<out>/summary.json`` and ``summary.md`` are rewritten
-after every run.
+after every run from every finished run of the same size (any seed);
+``--report_only`` rewrites them without training.
 
     nohup nice -n 10 python benchmarks/sampling_accuracy.py \\
         --out docs/analyses/sampling --workroot /tmp/sampling_runs &
@@ -116,6 +117,17 @@ def run_one(args, rate: float, queue: int, seed: int) -> dict:
     return record
 
 
+def finished_runs(args) -> list[dict]:
+    """Every finished run in <out>/runs of this size (classes, images, steps), any seed."""
+    records = []
+    for path in sorted((args.out / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if (r["classes"], r["samples_per_identity"], r["steps"]) == (
+                args.classes, args.samples, args.steps):
+            records.append(r)
+    return sorted(records, key=lambda r: r["seed"])
+
+
 def summarise(args, records: list[dict]) -> None:
     arms: dict[tuple, list[dict]] = {}
     for r in records:
@@ -156,15 +168,19 @@ def main(argv=None):
     p.add_argument("--rates", default="1.0,0.1")
     p.add_argument("--queues", default="512,0")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--report_only", action="store_true",
+                   help="rewrite summary.json / summary.md from the finished runs; train nothing")
     args = p.parse_args(argv)
-    args.command = "python benchmarks/sampling_accuracy.py " + shlex.join(argv or sys.argv[1:])
+    # the command that trains what the summary lists (--report_only only rewrites it)
+    args.command = "python benchmarks/sampling_accuracy.py " + shlex.join(
+        a for a in (argv or sys.argv[1:]) if a != "--report_only")
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for seed in (int(x) for x in args.seeds.split(",")):
+    summarise(args, finished_runs(args))
+    for seed in ([] if args.report_only else (int(x) for x in args.seeds.split(","))):
         for queue in (int(x) for x in args.queues.split(",")):
             for rate in (float(x) for x in args.rates.split(",")):
-                records.append(run_one(args, rate, queue, seed))
-                summarise(args, records)
+                run_one(args, rate, queue, seed)
+                summarise(args, finished_runs(args))  # every seed run so far, not only this call's
     print((args.out / "summary.md").read_text())
 
 
