@@ -40,10 +40,33 @@ the float32 differences are reduction-order round-off. One reported failure
 edited this shared checkout) was not reproduced; a likely cause is the
 children importing the package minutes after this process did, from files
 changed in between.
+
+The sampled variant (issue 19: ``classifier.sample_rate`` 0.25 of 320 classes,
+80 rows: the batch's classes, the queue's, then random negatives) must log the
+same sample counts in both layouts. At lr 0.01 it did not meet the tolerances
+above for 2 of 3 seeds (2026-12-07, config.seed 0 / 1 / 2: step 3
+grad_norm_encoder 1.9e-3 / 1.5e-3 / 2.0e-6 relative; seed 1 also step 3 losses
+7.4e-5 and parameters 11x their tolerance, in BatchNorm biases that are zero up
+to round-off). Not a sampling difference: every sample count, the queue's labels
+and valid flags and the RNG were equal at each step; step 3 re-run in one
+process from the 2-process run's step-2 checkpoint reproduced its logged
+grad_norm_encoder bit for bit (60.483765; from the reference's step-2
+checkpoint 60.598099, the same sample rows from both), and the same two states
+stepped at rate 1.0 differ by 1.25e-3 as well. The step-2 states differ by
+round-off (BatchNorm-followed biases and their momentum, ~1e-8 in size, by up
+to 2x; the head's fc bias momentum by 3e-3), and a random 1e-6 relative
+change of all parameters moves step 3's grad_norm_encoder by <= 1.5e-5 (4
+draws): a kink flip (ArcFace's fallback, PReLU at 0) on this 320-class
+config (loss 28 at step 1), not smooth amplification. The
+sampled variant therefore runs at lr 0.001, where (config.seed 0 and 1) every
+metric agreed to <= 5.3e-7 relative and every checkpoint leaf to <= 0.11 of its
+tolerance, so it keeps the tolerances above (scratch script: this file's
+_run_both and _differences with config.seed and lr overridden).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import subprocess
@@ -62,24 +85,40 @@ CONFIG = "configs/demo.py:smoke"
 # No evaluation (this test is about training); a smaller rate than the smoke
 # run's 0.1, whose large steps amplify the all-reduce's round-off order past 1e-5.
 OVERRIDES = {"eval.targets": "()", "lr": "0.01"}
+# The sampled variant (issue 19): 320 classes, rate 0.25 samples 80 of them (replicated W,
+# one shard): batch (32) and queue classes (up to 64) first, then random negatives
+# (step 1: 48 negatives; step 3 at seed 0: 87 positives > 80, 7 queue classes dropped),
+# at lr 0.001: at 0.01 a kink flips between the layouts for some seeds (docstring).
+SAMPLED = {"classifier.sample_rate": 0.25, "num_classes": 320,
+           "dataset.synthetic.num_identities": 320, "lr": "0.001"}
 LOSSES = ("loss_encoder", "loss_classifier", "queue_fill", "queue_drift")
 GRAD_NORMS = ("grad_norm_encoder", "grad_norm_classifier")
 
 
-def _config():
-    """The children's config: configs/demo.py:smoke with OVERRIDES applied."""
+def _overrides(extra: dict | None = None) -> dict:
+    return {**OVERRIDES, **(extra or {})}
+
+
+def _config(extra: dict | None = None):
+    """The children's config: configs/demo.py:smoke with OVERRIDES (and `extra`) applied."""
     from broadface_jax import cli
 
     config = cli.config_from_file(REPO / "configs" / "demo.py", "smoke")
-    config.eval.targets = ()
-    config.lr = 0.01
+    for key, value in _overrides(extra).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = type(node[leaf])(ast.literal_eval(value) if isinstance(value, str) else value)
     return config
 
 
-def _start_children(workdir: pathlib.Path) -> list[subprocess.Popen]:
+def _start_children(workdir: pathlib.Path, extra: dict | None = None
+                    ) -> list[subprocess.Popen]:
     """Starts both processes (the caller waits for them and kills what is left)."""
     command = [sys.executable, "-m", "broadface_jax.main", "--config", CONFIG,
-               "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+               "--workdir", str(workdir),
+               *[f"--config.{k}={v}" for k, v in _overrides(extra).items()]]
     return local_cluster.start([command] * NUM_PROCESSES, local_cluster.child_env(LOCAL_DEVICES),
                                init_timeout=60)
 
@@ -136,30 +175,33 @@ def _reference_run(config, ref_dir: pathlib.Path, steps: int, monkeypatch) -> No
         train.train_and_evaluate(config, ref_dir)
 
 
-@pytest.mark.slow  # two child JAX processes train with gloo, then a reference run
-@pytest.mark.skipif(jax.device_count() != NUM_PROCESSES * LOCAL_DEVICES,
-                    reason="the reference run needs 8 devices (tests/conftest.py)")
-def test_two_processes_match_single_process(tmp_path, monkeypatch):
-    config = _config()
-    steps = int(config.total_steps)
+def _run_both(tmp_path, monkeypatch, extra: dict | None = None):
+    """The 2-process run and its 1-process reference: (config, multi dir, reference dir)."""
+    config = _config(extra)
     multi_dir, ref_dir = tmp_path / "multi", tmp_path / "single"
-    procs = _start_children(multi_dir)  # the reference below runs meanwhile
+    procs = _start_children(multi_dir, extra)  # the reference below runs meanwhile
     try:
-        _reference_run(config, ref_dir, steps, monkeypatch)
+        _reference_run(config, ref_dir, int(config.total_steps), monkeypatch)
         _wait_children(procs)
     finally:
         local_cluster.kill(procs)
+    return config, multi_dir, ref_dir
 
+
+def _differences(config, multi_dir: pathlib.Path, ref_dir: pathlib.Path) -> dict:
+    """Largest relative metric differences and checkpoint-leaf error / allowed, by kind."""
+    steps = int(config.total_steps)
     multi, ref = _records(multi_dir), _records(ref_dir)
     assert sorted(multi) == sorted(ref) == list(range(1, steps + 1))
+    out = {}
     for step in ref:
-        for name in LOSSES + GRAD_NORMS:
-            np.testing.assert_allclose(multi[step][name], ref[step][name], atol=1e-7,
-                                       rtol=1e-5 if name in LOSSES else 1e-4,
-                                       err_msg=f"step {step} {name}")
-    assert multi[steps]["queue_fill"] > 0  # the queue was on and used
-    assert ref[1]["loss_encoder"] != ref[steps]["loss_encoder"]  # training moved
-
+        for name in multi[step].keys() - {"sec_per_step", "images_per_sec"}:
+            if name.startswith("sample_"):  # counts: the same sample in both layouts
+                assert multi[step][name] == ref[step][name], (step, name)
+                continue
+            a, b = multi[step][name], ref[step][name]
+            # relative, floored at 0.01 (metrics that are 0, as step 1's queue drift)
+            out[f"step {step} {name}"] = abs(a - b) / max(abs(b), 1e-2)
     got, want = _restore(multi_dir, config), _restore(ref_dir, config)
     assert int(got.step) == int(want.step) == steps
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
@@ -171,4 +213,27 @@ def test_two_processes_match_single_process(tmp_path, monkeypatch):
         scale = float(np.max(np.abs(w), initial=0.0))
         err = float(np.max(np.abs(g.astype(np.float64) - w), initial=0.0))
         rel = 1e-3 if name.startswith(".params") else 1e-2
-        assert err <= rel * scale + 1e-5, f"{name}: |diff| {err:.2e}, leaf scale {scale:.2e}"
+        out[f"leaf {name}"] = err / (rel * scale + 1e-5)  # <= 1: within its tolerance
+    return out
+
+
+@pytest.mark.slow  # two child JAX processes train with gloo, then a reference run
+@pytest.mark.skipif(jax.device_count() != NUM_PROCESSES * LOCAL_DEVICES,
+                    reason="the reference run needs 8 devices (tests/conftest.py)")
+@pytest.mark.parametrize("extra", [None, SAMPLED], ids=["all_classes", "sampled"])
+def test_two_processes_match_single_process(tmp_path, monkeypatch, extra):
+    config, multi_dir, ref_dir = _run_both(tmp_path, monkeypatch, extra)
+    diff = _differences(config, multi_dir, ref_dir)  # the sample counts are equal
+    steps = int(config.total_steps)
+    for step in range(1, steps + 1):
+        for name in LOSSES + GRAD_NORMS:
+            tol = 1e-5 if name in LOSSES else 1e-4
+            assert diff[f"step {step} {name}"] <= tol, (step, name, diff[f"step {step} {name}"])
+    for name, ratio in diff.items():
+        if name.startswith("leaf "):
+            assert ratio <= 1.0, f"{name}: |diff| is {ratio:.2f} x its tolerance"
+    multi, ref = _records(multi_dir), _records(ref_dir)
+    assert multi[steps]["queue_fill"] > 0  # the queue was on and used
+    assert ref[1]["loss_encoder"] != ref[steps]["loss_encoder"]  # training moved
+    if extra:  # random negatives were drawn (step 1: 80 sampled rows, 32 batch classes)
+        assert ref[1]["sample_rows_per_shard"] - ref[1]["sample_positives_max_shard"] >= 48
