@@ -131,21 +131,16 @@ def per_example_in(matmul_dtype: str, loss, embeddings: jax.Array,
     """``loss.per_example`` with the cosine product in `matmul_dtype` (`queue_cosines`).
 
     "float32" is ``loss.per_example`` itself (the same computation, bit for
-    bit); otherwise only the product changes: the embeddings are normalised,
-    and the one-hot, target cosine, margins and softmax are computed, in
-    float32 as ``losses.cosines`` and ``Loss.per_example`` do.
+    bit); otherwise only the product changes: normalisation, one-hot, target
+    cosine, margins and softmax stay float32 (``losses.cosines``).
     """
-    if matmul_dtype == "float32":
-        return loss.per_example(embeddings, kernel_normalized, labels, state, num_classes,
-                                class_mask)
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"config.queue.matmul_dtype={matmul_dtype!r}: must be one of "
                          f"{', '.join(MATMUL_DTYPES)}")
-    e = losses.l2_normalize(embeddings.astype(jnp.float32))
-    cos = queue_cosines(e, kernel_normalized, matmul_dtype)
-    onehot = labels[:, None] == jnp.arange(kernel_normalized.shape[0])[None, :]
-    cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1)
-    return loss._xent(cos, onehot, cos_y, state, num_classes, class_mask)
+    product = (None if matmul_dtype == "float32"
+               else lambda e, w: queue_cosines(e, w, matmul_dtype))
+    return loss.per_example(embeddings, kernel_normalized, labels, state, num_classes,
+                            class_mask, product=product)
 
 
 def _split(x: jax.Array, num_shards: int) -> jax.Array:

@@ -25,15 +25,18 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
 
 
-def cosines(embeddings: jax.Array, kernel_normalized: jax.Array, labels: jax.Array
+def cosines(embeddings: jax.Array, kernel_normalized: jax.Array, labels: jax.Array,
+            product: Callable[[jax.Array, jax.Array], jax.Array] | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(cos f32[N, C], onehot bool[N, C], cos_y f32[N]) of embeddings against W rows.
 
     The embeddings are L2-normalised here; ``kernel_normalized`` already is (once
-    per step, shared by the batch and every queue chunk).
+    per step, shared by the batch and every queue chunk). ``product(e_n, W_n)``
+    computes the f32[N, C] cosines (None: ``e_n @ W_n.T`` in float32; the
+    queue passes ``queue.queue_cosines`` for ``config.queue.matmul_dtype``).
     """
     e = l2_normalize(embeddings.astype(jnp.float32))
-    cos = e @ kernel_normalized.T
+    cos = e @ kernel_normalized.T if product is None else product(e, kernel_normalized)
     classes = jnp.arange(kernel_normalized.shape[0])
     onehot = labels[:, None] == classes[None, :]
     cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1)
@@ -79,7 +82,9 @@ class Loss:
     def per_example(self, embeddings: jax.Array, kernel_normalized: jax.Array,
                     labels: jax.Array, state: Any = None,
                     num_classes: int | None = None,
-                    class_mask: jax.Array | None = None) -> jax.Array:
+                    class_mask: jax.Array | None = None,
+                    product: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                    ) -> jax.Array:
         """f32[N] losses of (unnormalised) embeddings under ``state`` (not updated).
 
         Args:
@@ -91,8 +96,9 @@ class Loss:
             padding rows (class-sharded classifiers); they leave the softmax.
           class_mask: bool[C], the real rows of a sampled classifier (others
             leave the softmax); None: all rows below ``num_classes``.
+          product: the cosine product (see :func:`cosines`); None: float32.
         """
-        cos, onehot, cos_y = cosines(embeddings, kernel_normalized, labels)
+        cos, onehot, cos_y = cosines(embeddings, kernel_normalized, labels, product)
         return self._xent(cos, onehot, cos_y, state, num_classes, class_mask)
 
     def batch(self, embeddings: jax.Array, kernel_normalized: jax.Array,
